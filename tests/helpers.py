@@ -1,0 +1,59 @@
+"""Shared test helpers: tiny bundles and generated images (no dataset files needed)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.bundle import Card, ClassInfo, Dataset, InputPolicy, save_bundle
+from model.unet import UNet, UNetConfig
+
+DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def tiny_card(name: str = "tiny", channels: int = 3, classes: int = 2, sizing: str = "resize", size: int = 32,
+              **overrides: Any) -> Card:
+    arch = UNetConfig(in_channels=channels, num_classes=classes, base_width=4, depth=2)
+    colors = [(0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    fields: dict[str, Any] = dict(
+        name=name,
+        version="0.0.1",
+        architecture=arch,
+        classes=tuple(ClassInfo(i, "background" if i == 0 else f"class{i}", colors[i]) for i in range(classes)),
+        input=InputPolicy(channels, (0.5,) * channels, (0.25,) * channels, sizing, size, 0.25),  # type: ignore[arg-type]
+        dataset=Dataset("synthetic", license="CC0"),
+        metrics={"val_dice": 0.5},
+    )
+    fields.update(overrides)
+    return Card(**fields)
+
+
+def write_tiny_bundle(folder: Path, seed: int = 0, **card_args: Any) -> tuple[Path, Card, UNet]:
+    card = tiny_card(**card_args)
+    torch.manual_seed(seed)
+    model = UNet(card.architecture).eval()
+    # Random BatchNorm statistics, so that eval-mode outputs are not degenerate.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    save_bundle(folder, card, model, "float32")
+    return folder, card, model
+
+
+def image_bytes(width: int = 40, height: int = 30, mode: str = "RGB", fmt: str = "PNG", seed: int = 0,
+                **save_args: Any) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    im = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        im = im.convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **save_args)
+    return buf.getvalue()

@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.bundle import CARD_FILE, WEIGHTS_FILE, BundleError, discover, load_bundle, read_card
+from tests.helpers import write_tiny_bundle
+
+
+def test_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
+    folder, card, model = write_tiny_bundle(tmp_path / "b")
+    loaded = load_bundle(folder)
+    assert loaded.card == card
+    x = torch.randn(2, 3, 24, 40)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded.model(x))
+
+
+def test_float16_storage_is_close_and_smaller(tmp_path: Path) -> None:
+    from model.bundle import save_bundle
+
+    folder, card, model = write_tiny_bundle(tmp_path / "b")
+    half = save_bundle(tmp_path / "h", card, model, "float16")
+    assert (half / WEIGHTS_FILE).stat().st_size < (folder / WEIGHTS_FILE).stat().st_size
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), load_bundle(half).model(x), atol=1e-2)
+
+
+def test_card_json_has_the_documented_fields(tmp_path: Path) -> None:
+    folder, _, _ = write_tiny_bundle(tmp_path / "b")
+    data = json.loads((folder / CARD_FILE).read_text())
+    assert {"format", "name", "version", "architecture", "classes", "input", "dataset", "metrics", "training",
+            "precisions"} <= set(data)
+    assert data["classes"][1] == {"id": 1, "name": "class1", "color": [255, 0, 0]}
+    assert data["input"]["sizing"] == "resize"
+
+
+def _break(folder: Path, edit: dict[str, object]) -> None:
+    path = folder / CARD_FILE
+    data = json.loads(path.read_text())
+    for dotted, value in edit.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node[int(p)] if p.isdigit() else node[p]
+        if value is KeyError:
+            del node[last]
+        else:
+            node[last] = value
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        ({"name": "Bad Name"}, "name"),
+        ({"version": KeyError}, "version"),
+        ({"architecture.depth": 0}, "architecture"),
+        ({"architecture.num_classes": 3}, "classes"),
+        ({"classes.1.color": [300, 0, 0]}, "classes[1].color"),
+        ({"classes.1.id": 5}, "classes[1].id"),
+        ({"input.channels": 1}, "input.channels"),
+        ({"input.std": [0, 1, 1]}, "input.std"),
+        ({"input.mean": [0.5]}, "input.mean"),
+        ({"input.sizing": "crop"}, "input.sizing"),
+        ({"input.size": 2}, "input.size"),
+        ({"input.overlap": 0.95}, "input.overlap"),
+        ({"precisions": ["int8"]}, "precisions"),
+        ({"dataset": KeyError}, "dataset"),
+        ({"metrics.val_dice": "high"}, "metrics.val_dice"),
+        ({"format": "other/2"}, "format"),
+    ],
+)
+def test_bad_cards_name_the_file_and_field(tmp_path: Path, edit: dict[str, object], field: str) -> None:
+    folder, _, _ = write_tiny_bundle(tmp_path / "b")
+    _break(folder, edit)
+    with pytest.raises(BundleError) as info:
+        load_bundle(folder)
+    assert str(folder / CARD_FILE) in str(info.value)
+    assert f": {field}:" in str(info.value)
+
+
+def test_unreadable_card_and_missing_files(tmp_path: Path) -> None:
+    folder, _, _ = write_tiny_bundle(tmp_path / "b")
+    (folder / CARD_FILE).write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        read_card(folder)
+    folder, _, _ = write_tiny_bundle(tmp_path / "c")
+    (folder / WEIGHTS_FILE).unlink()
+    with pytest.raises(BundleError, match=r"model\.safetensors: missing"):
+        load_bundle(folder)
+    with pytest.raises(BundleError, match="card.json: missing"):
+        load_bundle(tmp_path / "nothing")
+
+
+def test_weights_that_do_not_match_the_architecture(tmp_path: Path) -> None:
+    folder, _, _ = write_tiny_bundle(tmp_path / "b")
+    state = load_file(str(folder / WEIGHTS_FILE))
+    key = "outc.conv.weight"
+    state[key] = torch.zeros(3, 4, 1, 1)
+    save_file(state, str(folder / WEIGHTS_FILE))
+    with pytest.raises(BundleError, match=rf"model\.safetensors: {key}: has shape \(3, 4, 1, 1\)"):
+        load_bundle(folder)
+    del state[key]
+    save_file(state, str(folder / WEIGHTS_FILE))
+    with pytest.raises(BundleError, match="missing tensors"):
+        load_bundle(folder)
+
+
+def test_nan_weights_and_garbage_files_are_rejected(tmp_path: Path) -> None:
+    folder, _, _ = write_tiny_bundle(tmp_path / "b")
+    state = load_file(str(folder / WEIGHTS_FILE))
+    state["outc.conv.bias"] = torch.full_like(state["outc.conv.bias"], float("nan"))
+    save_file(state, str(folder / WEIGHTS_FILE))
+    with pytest.raises(BundleError, match="NaN"):
+        load_bundle(folder)
+    (folder / WEIGHTS_FILE).write_bytes(b"\x80\x04pickle bytes are not safetensors")
+    with pytest.raises(BundleError, match="not a valid safetensors file"):
+        load_bundle(folder)
+
+
+def test_discover_lists_bundle_folders_in_order(tmp_path: Path) -> None:
+    write_tiny_bundle(tmp_path / "b", name="b")
+    write_tiny_bundle(tmp_path / "a", name="a")
+    (tmp_path / "notes").mkdir()
+    assert [p.name for p in discover(tmp_path)] == ["a", "b"]
+    assert list(discover(tmp_path / "absent")) == []
