@@ -1,0 +1,117 @@
+"""Augmentation on the model's device, for whole batches at once (a GPU must not wait on the CPU).
+
+Geometry is applied to the image and the mask together (nearest for masks); color only to the image.
+All randomness comes from one ``torch.Generator`` so that a resumed run draws the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = 255  # mask value excluded from the loss (padding outside small images)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip: bool = True
+    rot90: bool = True
+    scale: tuple[float, float] = (0.75, 1.25)
+    rotate_deg: float = 15.0
+    brightness: float = 0.2  # +- fraction
+    contrast: float = 0.2  # +- fraction
+    hue_deg: float = 10.0  # +- degrees, RGB only
+
+
+def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
+
+
+def random_crops(
+    images: list[torch.Tensor], masks: list[torch.Tensor], size: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop ``size`` x ``size`` at native scale from each (C, H, W) image and (H, W) mask.
+
+    Smaller images are padded (image with 0, mask with IGNORE). Returns (B, C, S, S) and (B, S, S).
+    """
+    device = images[0].device
+    out_x, out_y = [], []
+    for img, msk in zip(images, masks, strict=True):
+        h, w = msk.shape
+        ph, pw = max(0, size - h), max(0, size - w)
+        if ph or pw:
+            img = F.pad(img, (0, pw, 0, ph))
+            msk = F.pad(msk, (0, pw, 0, ph), value=IGNORE)
+            h, w = msk.shape
+        top = int(torch.randint(0, h - size + 1, (1,), generator=gen, device=device).item())
+        left = int(torch.randint(0, w - size + 1, (1,), generator=gen, device=device).item())
+        out_x.append(img[:, top : top + size, left : left + size])
+        out_y.append(msk[top : top + size, left : left + size])
+    return torch.stack(out_x), torch.stack(out_y)
+
+
+def augment(
+    x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random geometry and color for a batch.
+
+    x: (B, C, H, W) float in [0, 1]; y: (B, H, W) int64 class ids (IGNORE allowed).
+    Returns tensors of the same shapes; x stays in [0, 1].
+    """
+    b, c, h, w = x.shape
+    dev = x.device
+    if cfg.flip:
+        fh = torch.rand(b, generator=gen, device=dev) < 0.5
+        fv = torch.rand(b, generator=gen, device=dev) < 0.5
+        x = torch.where(fh[:, None, None, None], x.flip(-1), x)
+        y = torch.where(fh[:, None, None], y.flip(-1), y)
+        x = torch.where(fv[:, None, None, None], x.flip(-2), x)
+        y = torch.where(fv[:, None, None], y.flip(-2), y)
+    if cfg.rot90 and h == w:
+        k = torch.randint(0, 4, (b,), generator=gen, device=dev)
+        xs, ys = [x], [y]
+        for r in (1, 2, 3):
+            xs.append(torch.rot90(x, r, (-2, -1)))
+            ys.append(torch.rot90(y, r, (-2, -1)))
+        x = torch.stack(xs)[k, torch.arange(b, device=dev)]
+        y = torch.stack(ys)[k, torch.arange(b, device=dev)]
+    if cfg.scale != (1.0, 1.0) or cfg.rotate_deg > 0:
+        s = _uniform(b, cfg.scale[0], cfg.scale[1], gen, dev)
+        a = _uniform(b, -cfg.rotate_deg, cfg.rotate_deg, gen, dev) * (math.pi / 180)
+        cos, sin = torch.cos(a) / s, torch.sin(a) / s
+        theta = torch.stack(
+            [torch.stack([cos, -sin, torch.zeros_like(s)], 1), torch.stack([sin, cos, torch.zeros_like(s)], 1)], 1
+        )  # (B, 2, 3): output -> input sampling; s > 1 zooms in
+        grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        yf = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="reflection", align_corners=False)
+        y = yf[:, 0].round().long()
+    if cfg.brightness > 0:
+        x = x * _uniform(b, 1 - cfg.brightness, 1 + cfg.brightness, gen, dev)[:, None, None, None]
+    if cfg.contrast > 0:
+        f = _uniform(b, 1 - cfg.contrast, 1 + cfg.contrast, gen, dev)[:, None, None, None]
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * f + mean
+    if cfg.hue_deg > 0 and c == 3:
+        x = rotate_hue(x, _uniform(b, -cfg.hue_deg, cfg.hue_deg, gen, dev) * (math.pi / 180))
+    return x.clamp_(0, 1), y
+
+
+# RGB <-> YIQ: hue is the angle in the IQ plane, so a hue shift is a rotation there.
+_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """x: (B, 3, H, W) RGB; angle: (B,) radians. Luma is kept, chroma rotated."""
+    fwd = _RGB2YIQ.to(x.device, x.dtype)
+    inv = torch.linalg.inv(fwd)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    one, zero = torch.ones_like(cos), torch.zeros_like(cos)
+    rot = torch.stack(
+        [torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1), torch.stack([zero, sin, cos], 1)], 1
+    )  # (B, 3, 3)
+    m = inv @ rot @ fwd  # (B, 3, 3)
+    return torch.einsum("bij,bjhw->bihw", m, x)

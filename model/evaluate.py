@@ -1,0 +1,220 @@
+"""Segmentation metrics and the evaluation CLI.
+
+Metrics come from per-image confusion matrices (K x K, rows = truth, columns = prediction):
+
+- per class c: Dice = 2 TP / (2 TP + FP + FN), IoU = TP / (TP + FP + FN); an image where class c is
+  absent from both truth and prediction counts as 1 (a correct empty prediction);
+- ``dice`` / ``iou``: the mean over images, then over foreground classes (the Kvasir-SEG convention);
+- ``pixel_accuracy``: correct pixels / all pixels, over the whole set.
+
+Usage: ``unetseg evaluate --model weights/polyp DATA_DIR [--mask binary] [--tta] [--json out.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.bundle import InputPolicy, load_bundle
+from model.data import MaskSpec, Sample, find_pairs, load_sample, split
+from model.inference import blended_logits, make_plan
+
+
+def confusion(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, K) int64 counts of (truth, prediction) pairs; truth values >= K (ignore) are skipped."""
+    t = truth.reshape(-1).astype(np.int64)
+    p = pred.reshape(-1).astype(np.int64)
+    keep = t < num_classes
+    idx = t[keep] * num_classes + p[keep]
+    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def class_scores(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class (Dice, IoU) arrays of length K from one confusion matrix; 1.0 where a class is absent."""
+    tp = np.diag(cm).astype(np.float64)
+    fp = cm.sum(0) - tp
+    fn = cm.sum(1) - tp
+    denom_d = 2 * tp + fp + fn
+    denom_i = tp + fp + fn
+    dice = np.where(denom_d > 0, 2 * tp / np.maximum(denom_d, 1), 1.0)
+    iou = np.where(denom_i > 0, tp / np.maximum(denom_i, 1), 1.0)
+    return dice, iou
+
+
+def summarize(matrices: Sequence[np.ndarray], class_names: Sequence[str], stems: Sequence[str]) -> dict[str, Any]:
+    """Aggregate per-image confusion matrices into the report ``evaluate`` prints and writes."""
+    k = len(class_names)
+    per_image = [class_scores(cm) for cm in matrices]
+    dice = np.stack([d for d, _ in per_image])  # (N, K)
+    iou = np.stack([i for _, i in per_image])
+    total = np.sum(matrices, axis=0)
+    g_dice, g_iou = class_scores(total)
+    fg = list(range(1, k)) if k > 1 else [0]
+    img_dice = dice[:, fg].mean(1)  # (N,) foreground Dice per image
+
+    def dist(values: np.ndarray) -> dict[str, float]:
+        q = np.percentile(values, [0, 10, 25, 50, 75, 100])
+        return {
+            "min": float(q[0]),
+            "p10": float(q[1]),
+            "p25": float(q[2]),
+            "median": float(q[3]),
+            "p75": float(q[4]),
+            "max": float(q[5]),
+            "mean": float(values.mean()),
+        }
+
+    return {
+        "images": len(matrices),
+        "dice": float(dice[:, fg].mean()),
+        "iou": float(iou[:, fg].mean()),
+        "pixel_accuracy": float(np.trace(total) / max(1, total.sum())),
+        "classes": [
+            {
+                "id": c,
+                "name": class_names[c],
+                "dice": float(dice[:, c].mean()),
+                "iou": float(iou[:, c].mean()),
+                "dice_global": float(g_dice[c]),
+                "iou_global": float(g_iou[c]),
+            }
+            for c in range(k)
+        ],
+        "per_image_dice": dist(img_dice),
+        "worst_images": [
+            {"stem": stems[i], "dice": float(img_dice[i])} for i in np.argsort(img_dice)[: min(5, len(stems))]
+        ],
+    }
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    policy: InputPolicy,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    tta: bool = False,
+    max_batch: int = 16,
+) -> torch.Tensor:
+    """(K, H, W) float32 logits for one (H, W[, C]) uint8 image, with optional flip TTA."""
+    plan = make_plan(image, policy)
+    inputs = plan.inputs
+    views = [(False, False)] + ([(True, False), (False, True), (True, True)] if tta else [])
+    total: torch.Tensor | None = None
+    for fh, fv in views:
+        dims = [d for d, on in ((-1, fh), (-2, fv)) if on]
+        x = inputs.flip(dims) if dims else inputs
+        outs = []
+        for start in range(0, x.shape[0], max_batch):
+            chunk = x[start : start + max_batch].to(device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = model(chunk)
+            outs.append(out.float().cpu())
+        logits = torch.cat(outs)
+        logits = logits.flip(dims) if dims else logits
+        total = logits if total is None else total + logits
+    assert total is not None
+    return blended_logits(plan, total / len(views))
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    samples: Iterable[Sample],
+    policy: InputPolicy,
+    class_names: Sequence[str],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    tta: bool = False,
+) -> dict[str, Any]:
+    """Run the serving pipeline (plan -> forward -> resize/blend -> argmax) and score every sample."""
+    was_training = model.training
+    model.eval()
+    matrices, stems = [], []
+    for s in samples:
+        pred = predict_logits(model, s.image, policy, device, dtype, tta).argmax(0).numpy()
+        matrices.append(confusion(pred, s.mask, len(class_names)))
+        stems.append(s.stem)
+    model.train(was_training)
+    return summarize(matrices, class_names, stems)
+
+
+def format_report(report: dict[str, Any], title: str) -> str:
+    lines = [f"{title}: {report['images']} images"]
+    lines.append(f"{'class':<16}{'dice':>8}{'iou':>8}{'dice(global)':>14}{'iou(global)':>13}")
+    for c in report["classes"]:
+        lines.append(
+            f"{c['name']:<16}{c['dice']:>8.4f}{c['iou']:>8.4f}{c['dice_global']:>14.4f}{c['iou_global']:>13.4f}"
+        )
+    d = report["per_image_dice"]
+    lines.append(
+        f"foreground dice {report['dice']:.4f}  iou {report['iou']:.4f}  pixel accuracy {report['pixel_accuracy']:.4f}"
+    )
+    lines.append(
+        "per-image dice: " + "  ".join(f"{k} {d[k]:.3f}" for k in ("min", "p10", "p25", "median", "p75", "max"))
+    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="unetseg evaluate", description="Score a model bundle on a folder dataset.")
+    p.add_argument("data_dir", type=Path, help="folder with images/ and masks/")
+    p.add_argument("--model", required=True, type=Path, help="bundle folder, e.g. weights/polyp")
+    p.add_argument("--mask", help="mask spec (default: the one the bundle was trained with)")
+    p.add_argument(
+        "--split",
+        choices=["all", "val", "train"],
+        default="all",
+        help="'val' re-creates the bundle's own validation split from its card (seed and fraction)",
+    )
+    p.add_argument("--tta", action="store_true", help="also report flip test-time augmentation")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N images (0 = all)")
+    p.add_argument("--json", type=Path, help="write the report here")
+    args = p.parse_args(argv)
+
+    bundle = load_bundle(args.model)
+    card = bundle.card
+    spec_text = args.mask or card.training.get("mask")
+    if not spec_text:
+        p.error("the bundle's card names no mask spec: pass --mask")
+    spec = MaskSpec.parse(str(spec_text))
+    pairs = find_pairs(args.data_dir)
+    if args.split != "all":
+        seed = int(card.training.get("seed", 0))
+        frac = float(card.training.get("val_fraction", 0.1))
+        train_idx, val_idx = split(len(pairs), frac, seed)
+        pairs = [pairs[i] for i in (val_idx if args.split == "val" else train_idx)]
+    if args.limit:
+        pairs = pairs[: args.limit]
+    device = torch.device(args.device)
+    model = bundle.model.to(device)
+    names = [c.name for c in card.classes]
+    samples = [load_sample(i, m, spec, card.input.channels) for i, m in pairs]
+    result: dict[str, Any] = {
+        "model": card.name,
+        "version": card.version,
+        "data_dir": str(args.data_dir),
+        "split": args.split,
+        "mask": str(spec),
+    }
+    result["plain"] = evaluate_model(model, samples, card.input, names, device)
+    print(format_report(result["plain"], f"{card.name} on {args.data_dir} ({args.split})"))
+    if args.tta:
+        result["tta"] = evaluate_model(model, samples, card.input, names, device, tta=True)
+        print(format_report(result["tta"], "with flip TTA"))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

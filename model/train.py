@@ -1,0 +1,589 @@
+"""Train a U-Net on a folder dataset and write a model bundle.
+
+    unetseg train --data DATA_DIR --name polyp --mask binary --sizing resize --size 256 --epochs 100
+    python -m model.train ...   (the same)
+
+Loss: cross-entropy + soft Dice. AdamW with linear warm-up and cosine decay. bf16 autocast and
+channels-last on CUDA (and on CPUs that support bf16, unless --precision float32). Augmentation runs on
+the training device. Every epoch writes ``RUN_DIR/last.pt`` (weights, optimizer, scheduler, epoch, random
+generators), so ``--resume`` continues an interrupted run exactly; the best epoch by validation Dice is
+written as a bundle to ``--out``. ``RUN_DIR`` also gets ``metrics.jsonl`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.augment import IGNORE, AugmentConfig, augment, random_crops
+from model.bundle import Card, ClassInfo, Dataset, DType, InputPolicy, load_bundle, save_bundle
+from model.data import MaskSpec, Sample, find_pairs, load_sample, resize_pair, split
+from model.evaluate import evaluate_model
+from model.plot import plot_curves
+from model.unet import UNet, UNetConfig, count_parameters
+
+DEFAULT_COLORS = ("000000", "ff3b30", "34c759", "0a84ff", "ffd60a", "bf5af2", "64d2ff", "ff9f0a")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data_dir: str
+    name: str
+    run_dir: str
+    out: str
+    mask: str = "binary"
+    channels: int = 3
+    class_names: tuple[str, ...] = ("background", "foreground")
+    colors: tuple[str, ...] = ()
+    sizing: str = "resize"  # "resize": whole images at size x size; "tile": native-scale crops of size
+    size: int = 256
+    overlap: float = 0.25
+    base_width: int = 32
+    depth: int = 4
+    norm: str = "batch"
+    upsample: str = "transpose"
+    residual: bool = False
+    skip: bool = True
+    epochs: int = 100
+    batch_size: int = 8
+    steps_per_epoch: int = 0  # 0: one pass over the training images
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 2.0
+    patience: int = 25  # epochs without a better validation Dice before stopping; 0 = never
+    val_fraction: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto | float32 | bfloat16
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    grad_log_steps: int = 100  # first-encoder-layer gradient norm is logged for this many first steps
+    version: str = "1.0.0"
+    description: str = ""
+    dataset_name: str = ""
+    dataset_url: str = ""
+    dataset_license: str = ""
+    dataset_citation: str = ""
+
+    def architecture(self) -> UNetConfig:
+        return UNetConfig(
+            in_channels=self.channels,
+            num_classes=len(self.class_names),
+            base_width=self.base_width,
+            depth=self.depth,
+            norm=self.norm,  # type: ignore[arg-type]
+            upsample=self.upsample,  # type: ignore[arg-type]
+            residual=self.residual,
+            skip=self.skip,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["augment"] = asdict(self.augment)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        aug = d.pop("augment", {})
+        aug["scale"] = tuple(aug.get("scale", (0.75, 1.25)))
+        for key in ("class_names", "colors"):
+            d[key] = tuple(d.get(key, ()))
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known}, augment=AugmentConfig(**aug))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "float32":
+        return torch.float32
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0.01."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy + (1 - soft Dice over foreground classes). logits (B, K, H, W), target (B, H, W)."""
+    logits = logits.float()
+    ce = F.cross_entropy(logits, target, ignore_index=IGNORE)
+    k = logits.shape[1]
+    valid = (target != IGNORE).unsqueeze(1)  # (B, 1, H, W)
+    probs = logits.softmax(1) * valid
+    onehot = F.one_hot(target.clamp_max(k - 1), k).permute(0, 3, 1, 2).float() * valid
+    dims = (0, 2, 3)
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    dice = (2 * inter + 1.0) / (denom + 1.0)  # (K,)
+    return ce + (1 - dice[1:].mean())
+
+
+class Progress:
+    """One status line, redrawn in place on a terminal and printed every 10% otherwise."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.start = total, label, time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.last_decile = -1
+
+    def update(self, done: int, **info: float) -> None:
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / max(1, done) * (self.total - done)
+        extra = " ".join(f"{k} {v:.4f}" for k, v in info.items())
+        line = f"{self.label} {done}/{self.total} [{elapsed:.0f}s<{eta:.0f}s] {extra}"
+        decile = done * 10 // max(1, self.total)
+        if self.tty:
+            print("\r" + line, end="\n" if done == self.total else "", file=sys.stderr, flush=True)
+        elif decile != self.last_decile:
+            print(line, file=sys.stderr, flush=True)
+        self.last_decile = decile
+
+
+@dataclass
+class Data:
+    train_x: list[torch.Tensor]  # each (C, H, W) uint8 on the device; all size x size under "resize"
+    train_y: list[torch.Tensor]  # each (H, W) uint8
+    val: list[Sample]  # native size, for the serving pipeline
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def load_data(cfg: TrainConfig, device: torch.device) -> Data:
+    spec = MaskSpec.parse(cfg.mask)
+    pairs = find_pairs(cfg.data_dir)
+    train_idx, val_idx = split(len(pairs), cfg.val_fraction, cfg.seed)
+
+    def load(i: int) -> Sample:
+        return load_sample(*pairs[i], spec, cfg.channels)
+
+    train_x, train_y = [], []
+    sums = np.zeros(cfg.channels)
+    sq = np.zeros(cfg.channels)
+    count = 0
+    for i in train_idx:
+        s = load(i)
+        img, msk = resize_pair(s, cfg.size) if cfg.sizing == "resize" else (s.image, s.mask)
+        img3 = img.reshape(img.shape[0], img.shape[1], -1).astype(np.float64) / 255
+        sums += img3.sum((0, 1))
+        sq += (img3**2).sum((0, 1))
+        count += img3.shape[0] * img3.shape[1]
+        train_x.append(torch.from_numpy(np.ascontiguousarray(img3.transpose(2, 0, 1) * 255).astype(np.uint8)))
+        train_y.append(torch.from_numpy(np.array(msk, dtype=np.uint8)))
+    if spec.num_classes is not None and spec.num_classes != len(cfg.class_names):
+        raise ValueError(
+            f"mask spec {cfg.mask} gives {spec.num_classes} classes, --classes names {len(cfg.class_names)}"
+        )
+    top = max(int(y.max()) for y in train_y)
+    if top >= len(cfg.class_names):
+        raise ValueError(f"masks hold class id {top}, but only {len(cfg.class_names)} classes are named")
+    mean = sums / count
+    std = np.sqrt(np.maximum(sq / count - mean**2, 1e-6))
+    return Data(
+        train_x=[x.to(device) for x in train_x],
+        train_y=[y.to(device) for y in train_y],
+        val=[load(i) for i in val_idx],
+        mean=tuple(float(round(m, 5)) for m in mean),
+        std=tuple(float(round(s, 5)) for s in std),
+    )
+
+
+def make_card(
+    cfg: TrainConfig,
+    data: Data,
+    metrics: dict[str, float],
+    training: dict[str, Any],
+    precisions: tuple[DType, ...] = ("float32",),
+) -> Card:
+    colors = cfg.colors or DEFAULT_COLORS[: len(cfg.class_names)]
+    return Card(
+        name=cfg.name,
+        version=cfg.version,
+        description=cfg.description,
+        architecture=cfg.architecture(),
+        classes=tuple(
+            ClassInfo(i, n, (int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)))
+            for i, (n, c) in enumerate(zip(cfg.class_names, colors, strict=True))
+        ),
+        input=InputPolicy(cfg.channels, data.mean, data.std, cfg.sizing, cfg.size, cfg.overlap),  # type: ignore[arg-type]
+        dataset=Dataset(
+            cfg.dataset_name or Path(cfg.data_dir).name, cfg.dataset_url, cfg.dataset_license, cfg.dataset_citation
+        ),
+        precisions=precisions,
+        metrics=metrics,
+        training=training,
+    )
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, log: bool = True) -> dict[str, Any]:
+    """Run (or continue) training; returns the final summary (also in RUN_DIR/summary.json)."""
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.precision, device)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "last.pt"
+
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg, device)
+    model = UNet(cfg.architecture()).to(device)
+    if device.type == "cuda" or dtype == torch.bfloat16:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_train = len(data.train_x)
+    steps = cfg.steps_per_epoch or max(1, n_train // cfg.batch_size)
+    total_steps = steps * cfg.epochs
+    warmup = max(1, int(cfg.warmup_epochs * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps))
+    gen_order = torch.Generator().manual_seed(cfg.seed)
+    gen_aug = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "best": -1.0,
+        "best_epoch": 0,
+        "bad_epochs": 0,
+        "elapsed": 0.0,
+        "grad_norms": [],
+        "step": 0,
+    }
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        saved = TrainConfig.from_dict(json.loads(ckpt["config"]))
+        if saved.architecture() != cfg.architecture() or saved.data_dir != cfg.data_dir:
+            raise ValueError(f"{ckpt_path} was written for another architecture or dataset; use a new --run-dir")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        gen_order.set_state(ckpt["gen_order"].cpu())
+        gen_aug.set_state(ckpt["gen_aug"].cpu())
+        state = json.loads(ckpt["state"])
+        if log:
+            print(f"resumed {ckpt_path} at epoch {state['epoch']} (best dice {state['best']:.4f})", file=sys.stderr)
+    elif ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it or choose another --run-dir")
+    else:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    if log:
+        print(
+            f"{cfg.name}: {n_train} train / {len(data.val)} val images, {count_parameters(model):,} parameters, "
+            f"{device} {str(dtype).removeprefix('torch.')}, {steps} steps/epoch",
+            file=sys.stderr,
+        )
+    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    names = list(cfg.class_names)
+    epochs_run = 0
+    stop_reason = "epochs"
+    while state["epoch"] < cfg.epochs:
+        if max_epochs_this_run and epochs_run >= max_epochs_this_run:
+            stop_reason = "paused"
+            break
+        if cfg.patience and state["bad_epochs"] >= cfg.patience:
+            stop_reason = "early stopping"
+            break
+        t0 = time.monotonic()
+        model.train()
+        order = torch.randperm(n_train, generator=gen_order)
+        if steps * cfg.batch_size > n_train:  # tile datasets: sample more crops than images
+            order = torch.randint(0, n_train, (steps * cfg.batch_size,), generator=gen_order)
+        bar = Progress(steps, f"epoch {state['epoch'] + 1}/{cfg.epochs}") if log else None
+        loss_sum = 0.0
+        for s in range(steps):
+            idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size].tolist()
+            if cfg.sizing == "resize":
+                x = torch.stack([data.train_x[i] for i in idx])
+                y = torch.stack([data.train_y[i] for i in idx])
+            else:
+                x, y = random_crops([data.train_x[i] for i in idx], [data.train_y[i] for i in idx], cfg.size, gen_aug)
+            x, yl = augment(x.float() / 255, y.long(), cfg.augment, gen_aug)
+            x = (x - mean) / std
+            if device.type == "cuda" or dtype == torch.bfloat16:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                logits = model(x)
+            loss = dice_ce_loss(logits, yl)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            if state["step"] < cfg.grad_log_steps:
+                g = model.first_layer.weight.grad
+                state["grad_norms"].append(float(g.norm()) if g is not None else 0.0)
+            opt.step()
+            sched.step()
+            state["step"] += 1
+            loss_sum += float(loss.detach())
+            if bar:
+                bar.update(s + 1, loss=loss_sum / (s + 1))
+        val = evaluate_model(model, data.val, make_card(cfg, data, {}, {}).input, names, device, dtype)
+        state["epoch"] += 1
+        state["elapsed"] += time.monotonic() - t0
+        row = {
+            "epoch": state["epoch"],
+            "train_loss": loss_sum / steps,
+            "val_dice": val["dice"],
+            "val_iou": val["iou"],
+            "val_pixel_accuracy": val["pixel_accuracy"],
+            "lr": sched.get_last_lr()[0],
+            "seconds": round(time.monotonic() - t0, 2),
+        }
+        with open(run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        improved = val["dice"] > state["best"]
+        if improved:
+            state.update(best=val["dice"], best_epoch=state["epoch"], bad_epochs=0)
+            # The best weights as a provisional bundle; the final card is written when training ends.
+            save_bundle(run_dir / "best", make_card(cfg, data, {}, {"provisional": True}), model, "float32")
+        else:
+            state["bad_epochs"] += 1
+        if log:
+            print(
+                f"epoch {state['epoch']}: loss {row['train_loss']:.4f} val dice {val['dice']:.4f} "
+                f"iou {val['iou']:.4f} acc {val['pixel_accuracy']:.4f}{' *' if improved else ''} "
+                f"({row['seconds']:.0f}s)",
+                file=sys.stderr,
+            )
+        _atomic_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "gen_order": gen_order.get_state(),
+                "gen_aug": gen_aug.get_state(),
+                "config": json.dumps(cfg.to_dict()),
+                "state": json.dumps(state),
+            },
+            ckpt_path,
+        )
+        plot_curves(_read_rows(run_dir / "metrics.jsonl"), run_dir / "curves.png", f"{cfg.name} training")
+        epochs_run += 1
+    (run_dir / "grad_norms.json").write_text(json.dumps(state["grad_norms"]) + "\n")
+    summary = {"stop": stop_reason, **state}
+    if stop_reason != "paused":
+        summary["bundle"] = str(export(cfg, data, state, device))
+    (run_dir / "summary.json").write_text(
+        json.dumps({k: v for k, v in summary.items() if k != "grad_norms"}, indent=2) + "\n"
+    )
+    return summary
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def export(cfg: TrainConfig, data: Data, state: dict[str, Any], device: torch.device) -> Path:
+    """Write the best epoch as the final bundle (float16 storage) with its measured validation metrics.
+
+    The metrics are those of the stored bundle itself, through the serving pipeline, in float32; bfloat16
+    is listed as a safe inference precision only when its masks agree with float32 on >= 99.5% of pixels.
+    """
+    best = load_bundle(Path(cfg.run_dir) / "best")
+    out = Path(cfg.out)
+    provisional = make_card(cfg, data, {}, {})
+    save_bundle(out, provisional, best.model, "float16")
+    served = load_bundle(out).model.to(device)
+    names = list(cfg.class_names)
+    rep32 = evaluate_model(served, data.val, provisional.input, names, device, torch.float32)
+    precisions: tuple[DType, ...] = ("float32",)
+    agree = _bf16_agreement(served, data.val[:16], provisional.input, device)
+    if agree >= 0.995:
+        precisions = ("bfloat16", "float32")
+    metrics = {
+        "val_dice": round(rep32["dice"], 4),
+        "val_iou": round(rep32["iou"], 4),
+        "val_pixel_accuracy": round(rep32["pixel_accuracy"], 4),
+    }
+    training = {
+        "data_dir": Path(cfg.data_dir).name,
+        "mask": str(MaskSpec.parse(cfg.mask)),
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "train_images": len(data.train_x),
+        "val_images": len(data.val),
+        "epochs": state["epoch"],
+        "best_epoch": state["best_epoch"],
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "precision": str(pick_dtype(cfg.precision, device)).removeprefix("torch."),
+        "hardware": hardware(device),
+        "train_seconds": round(state["elapsed"], 1),
+        "bf16_mask_agreement": round(agree, 5),
+        "val_report": {k: rep32[k] for k in ("per_image_dice", "classes")},
+        "torch": torch.__version__,
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    save_bundle(out, make_card(cfg, data, metrics, training, precisions), best.model, "float16")
+    return out
+
+
+def _bf16_agreement(model: torch.nn.Module, samples: list[Sample], policy: InputPolicy, device: torch.device) -> float:
+    from model.evaluate import predict_logits
+
+    if device.type == "cpu" and not cpu_supports_bf16():
+        return 0.0
+    same = total = 0
+    for s in samples:
+        a = predict_logits(model, s.image, policy, device, torch.float32).argmax(0)
+        b = predict_logits(model, s.image, policy, device, torch.bfloat16).argmax(0)
+        same += int((a == b).sum())
+        total += a.numel()
+    return same / max(1, total)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unetseg train", description="Train a U-Net and write a model bundle.")
+    p.add_argument("--data", required=True, help="folder with images/ and masks/ (matching stems)")
+    p.add_argument("--name", required=True, help="bundle name (lowercase letters, digits, - and _)")
+    p.add_argument("--out", help="bundle folder to write (default: RUN_DIR/bundle)")
+    p.add_argument("--run-dir", help="checkpoints, metrics and plots (default: runs/NAME)")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR/last.pt")
+    p.add_argument("--max-epochs-this-run", type=int, default=0, help="pause after N epochs (resume later)")
+    p.add_argument("--mask", default="binary", help="binary[:T] | binary-inverted[:T] | index | palette:RRGGBB,...")
+    p.add_argument("--classes", default="background,foreground", help="comma-separated class names, id order")
+    p.add_argument("--colors", default="", help="comma-separated RRGGBB colors, one per class")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=3)
+    p.add_argument("--sizing", choices=["resize", "tile"], default="resize")
+    p.add_argument("--size", type=int, default=256, help="resize side, or tile/crop side for --sizing tile")
+    p.add_argument("--overlap", type=float, default=0.25, help="tile overlap at inference (tile sizing)")
+    p.add_argument("--base-width", type=int, default=32)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--norm", choices=["batch", "group", "instance", "none"], default="batch")
+    p.add_argument("--upsample", choices=["transpose", "bilinear"], default="transpose")
+    p.add_argument("--residual", action="store_true")
+    p.add_argument("--no-skip", action="store_true", help="plain encoder-decoder (ablation)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps-per-epoch", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--warmup-epochs", type=float, default=2.0)
+    p.add_argument("--patience", type=int, default=25)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--description", default="")
+    p.add_argument("--dataset-name", default="")
+    p.add_argument("--dataset-url", default="")
+    p.add_argument("--dataset-license", default="")
+    p.add_argument("--dataset-citation", default="")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    run_dir = args.run_dir or f"runs/{args.name}"
+    classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
+    colors = tuple(c.strip().lstrip("#").lower() for c in args.colors.split(",") if c.strip())
+    if colors and len(colors) != len(classes):
+        raise SystemExit(f"--colors names {len(colors)} colors for {len(classes)} classes")
+    return TrainConfig(
+        data_dir=str(args.data),
+        name=args.name,
+        run_dir=run_dir,
+        out=args.out or f"{run_dir}/bundle",
+        mask=args.mask,
+        channels=args.channels,
+        class_names=classes,
+        colors=colors,
+        sizing=args.sizing,
+        size=args.size,
+        overlap=args.overlap,
+        base_width=args.base_width,
+        depth=args.depth,
+        norm=args.norm,
+        upsample=args.upsample,
+        residual=args.residual,
+        skip=not args.no_skip,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        steps_per_epoch=args.steps_per_epoch,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        patience=args.patience,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        device=args.device,
+        precision=args.precision,
+        version=args.version,
+        description=args.description,
+        dataset_name=args.dataset_name,
+        dataset_url=args.dataset_url,
+        dataset_license=args.dataset_license,
+        dataset_citation=args.dataset_citation,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = config_from_args(args)
+    if args.resume and (Path(cfg.run_dir) / "config.json").exists():
+        # The run's own config wins, so a resume cannot silently change the recipe; only the pause may.
+        saved = TrainConfig.from_dict(json.loads((Path(cfg.run_dir) / "config.json").read_text()))
+        cfg = replace(saved, device=cfg.device)
+    summary = train(cfg, resume=args.resume, max_epochs_this_run=args.max_epochs_this_run)
+    print(json.dumps({k: v for k, v in summary.items() if k != "grad_norms"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

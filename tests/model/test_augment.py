@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model.augment import IGNORE, AugmentConfig, augment, random_crops, rotate_hue
+
+
+def _blobs(b: int = 4, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = F.interpolate(torch.rand(b, 3, 8, 8, generator=g), size=(size, size), mode="bilinear")
+    return x, (x[:, 0] > 0.5).long()
+
+
+def test_geometry_moves_image_and_mask_together() -> None:
+    x, y = _blobs()
+    cfg = AugmentConfig(brightness=0, contrast=0, hue_deg=0)
+    xa, ya = augment(x, y, cfg, torch.Generator().manual_seed(1))
+    assert xa.shape == x.shape and ya.shape == y.shape
+    assert not torch.equal(ya, y)  # something moved
+    agree = ((xa[:, 0] > 0.5).long() == ya).float().mean()
+    assert agree > 0.95  # disagreement only where bilinear and nearest differ at edges
+
+
+def test_masks_keep_their_labels_and_images_their_range() -> None:
+    x, y = _blobs()
+    y[:, :4] = 2
+    xa, ya = augment(x, y, AugmentConfig(), torch.Generator().manual_seed(2))
+    assert set(ya.unique().tolist()) <= {0, 1, 2}
+    assert float(xa.min()) >= 0 and float(xa.max()) <= 1
+
+
+def test_same_seed_same_augmentation() -> None:
+    x, y = _blobs()
+    a = augment(x, y, AugmentConfig(), torch.Generator().manual_seed(5))
+    b = augment(x, y, AugmentConfig(), torch.Generator().manual_seed(5))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_hue_rotation_keeps_gray_and_full_turn_is_identity() -> None:
+    gray = torch.full((1, 3, 2, 2), 0.4)
+    assert torch.allclose(rotate_hue(gray, torch.tensor([0.7])), gray, atol=1e-5)
+    x = torch.rand(2, 3, 4, 4)
+    assert torch.allclose(rotate_hue(x, torch.tensor([2 * torch.pi, 0.0])), x, atol=1e-5)
+
+
+def test_crops_pad_small_images_with_ignore() -> None:
+    imgs = [torch.ones(3, 10, 50, dtype=torch.uint8), torch.ones(3, 80, 90, dtype=torch.uint8)]
+    masks = [torch.ones(10, 50, dtype=torch.uint8), torch.ones(80, 90, dtype=torch.uint8)]
+    x, y = random_crops(imgs, masks, 32, torch.Generator().manual_seed(0))
+    assert x.shape == (2, 3, 32, 32) and y.shape == (2, 32, 32)
+    assert (y[0] == IGNORE).sum() == 32 * 22
+    assert (y[1] == 1).all()

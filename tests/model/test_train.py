@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model.bundle import load_bundle
+from model.train import TrainConfig, dice_ce_loss, lr_factor, main, train
+from tests.model.synthetic import write_disc_dataset
+
+
+def config(tmp_path: Path, data: Path, run: str = "run", **kw: object) -> TrainConfig:
+    base: dict[str, object] = dict(
+        data_dir=str(data), name="discs", run_dir=str(tmp_path / run), out=str(tmp_path / run / "bundle"),
+        class_names=("background", "disc"), sizing="resize", size=32, base_width=4, depth=2, epochs=3,
+        batch_size=4, lr=5e-3, warmup_epochs=0.5, val_fraction=0.25, device="cpu", precision="float32",
+        patience=0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def test_training_writes_a_valid_bundle_with_metrics_logs_and_plot(tmp_path: Path) -> None:
+    data = write_disc_dataset(tmp_path / "data")
+    summary = train(config(tmp_path, data), log=False)
+    run = tmp_path / "run"
+    bundle = load_bundle(run / "bundle")
+    card = bundle.card
+    assert card.name == "discs" and [c.name for c in card.classes] == ["background", "disc"]
+    assert set(card.metrics) == {"val_dice", "val_iou", "val_pixel_accuracy"}
+    assert 0 <= card.metrics["val_dice"] <= 1
+    assert card.training["epochs"] == 3 and card.training["train_images"] == 9
+    assert card.training["mask"] == "binary:127" and "hardware" in card.training
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(json.loads((run / "grad_norms.json").read_text())) == summary["step"]
+    # Stored as float16, as shipped bundles are.
+    assert all(t.dtype in (torch.float16, torch.int64) for t in load_file(str(run / "bundle" / "model.safetensors")).values())
+
+
+def test_a_short_run_learns_the_discs(tmp_path: Path) -> None:
+    data = write_disc_dataset(tmp_path / "data", n=16)
+    train(config(tmp_path, data, epochs=12, base_width=8), log=False)
+    assert load_bundle(tmp_path / "run" / "bundle").card.metrics["val_dice"] > 0.6
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    data = write_disc_dataset(tmp_path / "data")
+    train(config(tmp_path, data, run="straight"), log=False)
+    paused = train(config(tmp_path, data, run="split"), max_epochs_this_run=2, log=False)
+    assert paused["stop"] == "paused" and paused["epoch"] == 2
+    assert not (tmp_path / "split" / "bundle").exists()
+    train(config(tmp_path, data, run="split"), resume=True, log=False)
+    a = load_file(str(tmp_path / "straight" / "bundle" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "bundle" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    lb = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(la) == strip(lb)
+
+
+def test_a_run_is_not_overwritten_without_resume(tmp_path: Path) -> None:
+    data = write_disc_dataset(tmp_path / "data")
+    train(config(tmp_path, data, epochs=1), log=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config(tmp_path, data, epochs=1), log=False)
+
+
+def test_early_stopping_stops(tmp_path: Path) -> None:
+    data = write_disc_dataset(tmp_path / "data")
+    summary = train(config(tmp_path, data, epochs=30, lr=0.0, patience=2), log=False)
+    assert summary["stop"] == "early stopping" and summary["epoch"] == 3
+
+
+def test_tile_training_and_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_disc_dataset(tmp_path / "data", size=(70, 50))
+    code = main(["--data", str(data), "--name", "tiled", "--run-dir", str(tmp_path / "r"), "--sizing", "tile",
+                 "--size", "32", "--base-width", "4", "--depth", "2", "--epochs", "1", "--batch-size", "2",
+                 "--steps-per-epoch", "3", "--classes", "background,disc", "--colors", "000000,00ff00",
+                 "--precision", "float32", "--device", "cpu", "--no-skip"])
+    assert code == 0
+    card = load_bundle(tmp_path / "r" / "bundle").card
+    assert card.input.sizing == "tile" and card.architecture.skip is False
+    assert card.classes[1].color == (0, 255, 0)
+    assert '"stop": "epochs"' in capsys.readouterr().out
+
+
+def test_loss_and_schedule() -> None:
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    target[0, 2:6, 2:6] = 1
+    perfect = torch.stack([(target == 0).float(), (target == 1).float()], 1) * 20
+    assert float(dice_ce_loss(perfect, target)) < 0.01
+    assert float(dice_ce_loss(-perfect, target)) > 1.5
+    ignored = target.clone()
+    ignored[0, 0, 0] = 255
+    assert torch.isfinite(dice_ce_loss(perfect, ignored))
+    assert lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(100, 10, 100) == pytest.approx(0.01)
