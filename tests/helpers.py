@@ -16,8 +16,9 @@ from model.unet import UNet, UNetConfig
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
-def tiny_card(name: str = "tiny", channels: int = 3, classes: int = 2, sizing: str = "resize", size: int = 32,
-              **overrides: Any) -> Card:
+def tiny_card(
+    name: str = "tiny", channels: int = 3, classes: int = 2, sizing: str = "resize", size: int = 32, **overrides: Any
+) -> Card:
     arch = UNetConfig(in_channels=channels, num_classes=classes, base_width=4, depth=2)
     colors = [(0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255)]
     fields: dict[str, Any] = dict(
@@ -47,8 +48,9 @@ def write_tiny_bundle(folder: Path, seed: int = 0, **card_args: Any) -> tuple[Pa
     return folder, card, model
 
 
-def image_bytes(width: int = 40, height: int = 30, mode: str = "RGB", fmt: str = "PNG", seed: int = 0,
-                **save_args: Any) -> bytes:
+def image_bytes(
+    width: int = 40, height: int = 30, mode: str = "RGB", fmt: str = "PNG", seed: int = 0, **save_args: Any
+) -> bytes:
     rng = np.random.default_rng(seed)
     arr = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     im = Image.fromarray(arr, "RGB")

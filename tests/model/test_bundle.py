@@ -34,8 +34,18 @@ def test_float16_storage_is_close_and_smaller(tmp_path: Path) -> None:
 def test_card_json_has_the_documented_fields(tmp_path: Path) -> None:
     folder, _, _ = write_tiny_bundle(tmp_path / "b")
     data = json.loads((folder / CARD_FILE).read_text())
-    assert {"format", "name", "version", "architecture", "classes", "input", "dataset", "metrics", "training",
-            "precisions"} <= set(data)
+    assert {
+        "format",
+        "name",
+        "version",
+        "architecture",
+        "classes",
+        "input",
+        "dataset",
+        "metrics",
+        "training",
+        "precisions",
+    } <= set(data)
     assert data["classes"][1] == {"id": 1, "name": "class1", "color": [255, 0, 0]}
     assert data["input"]["sizing"] == "resize"
 
@@ -94,7 +104,7 @@ def test_unreadable_card_and_missing_files(tmp_path: Path) -> None:
     (folder / WEIGHTS_FILE).unlink()
     with pytest.raises(BundleError, match=r"model\.safetensors: missing"):
         load_bundle(folder)
-    with pytest.raises(BundleError, match="card.json: missing"):
+    with pytest.raises(BundleError, match=r"card\.json: missing"):
         load_bundle(tmp_path / "nothing")
 
 

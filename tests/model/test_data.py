@@ -39,9 +39,13 @@ def test_noisy_jpeg_masks_binarise_cleanly(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", ["1", "L", "P", "RGBA", "LA", "CMYK", "I;16", "I", "F", "YCbCr"])
 def test_every_mode_converts(mode: str) -> None:
     rng = np.random.default_rng(0)
-    im = Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)).convert(mode if mode not in ("I;16", "I", "F") else "L")
+    im = Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)).convert(
+        mode if mode not in ("I;16", "I", "F") else "L"
+    )
     if mode in ("I;16", "I", "F"):
-        im = Image.fromarray((np.asarray(im).astype(np.float32) * 257).astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]))
+        im = Image.fromarray(
+            (np.asarray(im).astype(np.float32) * 257).astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode])
+        )
     rgb = pil_to_array(im, 3)
     gray = pil_to_array(im, 1)
     assert rgb.shape == (9, 7, 3) and rgb.dtype == np.uint8

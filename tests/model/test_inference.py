@@ -13,8 +13,9 @@ def policy(sizing: str = "tile", size: int = 32, channels: int = 3, overlap: flo
     return InputPolicy(channels, (0.5,) * channels, (0.25,) * channels, sizing, size, overlap)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("length", "tile", "overlap"), [(10, 32, 0.25), (32, 32, 0.25), (33, 32, 0.25),
-                                                          (100, 32, 0.5), (4000, 256, 0.25)])
+@pytest.mark.parametrize(
+    ("length", "tile", "overlap"), [(10, 32, 0.25), (32, 32, 0.25), (33, 32, 0.25), (100, 32, 0.5), (4000, 256, 0.25)]
+)
 def test_tiles_cover_the_image_and_overlap(length: int, tile: int, overlap: float) -> None:
     starts = tile_origins(length, tile, overlap)
     assert starts[0] == 0

@@ -14,9 +14,22 @@ from tests.model.synthetic import write_disc_dataset
 
 def config(tmp_path: Path, data: Path, run: str = "run", **kw: object) -> TrainConfig:
     base: dict[str, object] = dict(
-        data_dir=str(data), name="discs", run_dir=str(tmp_path / run), out=str(tmp_path / run / "bundle"),
-        class_names=("background", "disc"), sizing="resize", size=32, base_width=4, depth=2, epochs=3,
-        batch_size=4, lr=5e-3, warmup_epochs=0.5, val_fraction=0.25, device="cpu", precision="float32",
+        data_dir=str(data),
+        name="discs",
+        run_dir=str(tmp_path / run),
+        out=str(tmp_path / run / "bundle"),
+        class_names=("background", "disc"),
+        sizing="resize",
+        size=32,
+        base_width=4,
+        depth=2,
+        epochs=3,
+        batch_size=4,
+        lr=5e-3,
+        warmup_epochs=0.5,
+        val_fraction=0.25,
+        device="cpu",
+        precision="float32",
         patience=0,
     )
     base.update(kw)
@@ -39,7 +52,9 @@ def test_training_writes_a_valid_bundle_with_metrics_logs_and_plot(tmp_path: Pat
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(json.loads((run / "grad_norms.json").read_text())) == summary["step"]
     # Stored as float16, as shipped bundles are.
-    assert all(t.dtype in (torch.float16, torch.int64) for t in load_file(str(run / "bundle" / "model.safetensors")).values())
+    assert all(
+        t.dtype in (torch.float16, torch.int64) for t in load_file(str(run / "bundle" / "model.safetensors")).values()
+    )
 
 
 def test_a_short_run_learns_the_discs(tmp_path: Path) -> None:
@@ -81,10 +96,39 @@ def test_early_stopping_stops(tmp_path: Path) -> None:
 
 def test_tile_training_and_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = write_disc_dataset(tmp_path / "data", size=(70, 50))
-    code = main(["--data", str(data), "--name", "tiled", "--run-dir", str(tmp_path / "r"), "--sizing", "tile",
-                 "--size", "32", "--base-width", "4", "--depth", "2", "--epochs", "1", "--batch-size", "2",
-                 "--steps-per-epoch", "3", "--classes", "background,disc", "--colors", "000000,00ff00",
-                 "--precision", "float32", "--device", "cpu", "--no-skip"])
+    code = main(
+        [
+            "--data",
+            str(data),
+            "--name",
+            "tiled",
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--sizing",
+            "tile",
+            "--size",
+            "32",
+            "--base-width",
+            "4",
+            "--depth",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--steps-per-epoch",
+            "3",
+            "--classes",
+            "background,disc",
+            "--colors",
+            "000000,00ff00",
+            "--precision",
+            "float32",
+            "--device",
+            "cpu",
+            "--no-skip",
+        ]
+    )
     assert code == 0
     card = load_bundle(tmp_path / "r" / "bundle").card
     assert card.input.sizing == "tile" and card.architecture.skip is False

@@ -17,11 +17,23 @@ def test_any_size_gives_same_size_logits(h: int, w: int) -> None:
 
 @pytest.mark.parametrize(
     ("norm", "upsample", "residual", "skip"),
-    list(itertools.product(["batch", "group", "instance", "none"], ["transpose", "bilinear"], [False, True], [True, False])),
+    list(
+        itertools.product(
+            ["batch", "group", "instance", "none"], ["transpose", "bilinear"], [False, True], [True, False]
+        )
+    ),
 )
 def test_every_option_runs_forward_and_backward(norm: str, upsample: str, residual: bool, skip: bool) -> None:
-    cfg = UNetConfig(in_channels=1, num_classes=2, base_width=4, depth=2, norm=norm, upsample=upsample,  # type: ignore[arg-type]
-                     residual=residual, skip=skip)
+    cfg = UNetConfig(
+        in_channels=1,
+        num_classes=2,
+        base_width=4,
+        depth=2,
+        norm=norm,
+        upsample=upsample,  # type: ignore[arg-type]
+        residual=residual,
+        skip=skip,
+    )
     model = UNet(cfg)
     x = torch.randn(2, 1, 19, 23)
     out = model(x)

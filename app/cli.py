@@ -1,0 +1,147 @@
+"""The ``unetseg`` command: serve, predict, train, evaluate.
+
+``train`` and ``evaluate`` run the training module, which does not need the web stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def serve(argv: Sequence[str]) -> int:
+    import signal
+    from types import FrameType
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """SIGTERM is an orderly stop: stop accepting, finish in-flight requests, drain the queue, exit 0.
+
+        (uvicorn re-raises the signal after shutting down, which would end the process with -15.)
+        """
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if sig == signal.SIGTERM and captured:
+                captured.remove(sig)
+
+    from app.config import Settings
+    from app.main import create_app
+
+    defaults = Settings()
+    p = argparse.ArgumentParser(prog="unetseg serve", description="Run the HTTP service (settings: UNETSEG_*).")
+    p.add_argument("--host", default=defaults.host)
+    p.add_argument("--port", type=int, default=defaults.port)
+    p.add_argument("--weights-dir", type=Path, help="overrides UNETSEG_WEIGHTS_DIR")
+    p.add_argument("--data-dir", type=Path, help="overrides UNETSEG_DATA_DIR")
+    p.add_argument("--device", help="overrides UNETSEG_DEVICE")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    args = p.parse_args(argv)
+    overrides = {
+        k: v
+        for k, v in {
+            "host": args.host,
+            "port": args.port,
+            "weights_dir": args.weights_dir,
+            "data_dir": args.data_dir,
+            "device": args.device,
+        }.items()
+        if v is not None
+    }
+    settings = defaults.model_copy(update=overrides)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=args.grace,
+    )
+    Server(config).run()
+    return 0
+
+
+def predict(argv: Sequence[str]) -> int:
+    from app.config import Settings
+    from app.engine import Engine, resolve_device
+    from app.errors import ServiceError
+    from app.imaging import decode, encode_mask_png, encode_overlay_png
+
+    defaults = Settings()
+    p = argparse.ArgumentParser(prog="unetseg predict", description="Segment image files without HTTP.")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--model", help="model name (default: UNETSEG_DEFAULT_MODEL)")
+    p.add_argument("--out", type=Path, default=Path("masks"), help="output folder (created)")
+    p.add_argument("--format", choices=["png", "overlay"], default="png")
+    p.add_argument("--weights-dir", type=Path, default=defaults.weights_dir)
+    p.add_argument("--device", default=defaults.device)
+    args = p.parse_args(argv)
+    engine = Engine.from_folder(
+        args.weights_dir,
+        resolve_device(args.device),
+        precision=defaults.precision,
+        max_batch=defaults.max_batch,
+        default_model=defaults.default_model,
+    )
+    engine.start(warmup=False)
+    args.out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    try:
+        m = engine.get(args.model)
+        colors = [c.color for c in m.card.classes]
+        for path in args.images:
+            try:
+                decoded = decode(path.read_bytes(), defaults.max_pixels)
+                seg = engine.segment_sync(m.name, decoded.for_model(m.card.input.channels))
+            except (ServiceError, OSError) as exc:
+                print(f"{path}: {exc}", file=sys.stderr)
+                failures += 1
+                continue
+            png = (
+                encode_mask_png(seg.mask, colors)
+                if args.format == "png"
+                else encode_overlay_png(decoded.rgb, seg.mask, colors, 0.5)
+            )
+            target = args.out / f"{path.stem}.png"
+            target.write_bytes(png)
+            areas = ", ".join(f"{c.name} {float((seg.mask == c.id).mean()):.1%}" for c in m.card.classes[1:])
+            print(f"{path} -> {target} ({areas})")
+    finally:
+        engine.stop()
+    return 1 if failures else 0
+
+
+COMMANDS = {
+    "serve": "run the HTTP service",
+    "predict": "segment image files",
+    "train": "train a model bundle",
+    "evaluate": "score a bundle on a dataset",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: unetseg {serve,predict,train,evaluate} ...\n")
+        for name, text in COMMANDS.items():
+            print(f"  {name:<10}{text}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "serve":
+        return serve(rest)
+    if cmd == "predict":
+        return predict(rest)
+    if cmd == "train":
+        from model.train import main as train_main
+
+        return train_main(rest)
+    from model.evaluate import main as evaluate_main
+
+    return evaluate_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

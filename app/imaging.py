@@ -1,0 +1,160 @@
+"""Bytes -> image (limits, formats, EXIF, modes) and mask -> PNG, overlay or JSON.
+
+Accepted formats: PNG (including APNG), JPEG, WebP, BMP, TIFF and GIF. Animated images (GIF, APNG, WebP,
+multi-page TIFF) are segmented on their first frame. Anything else, SVG included, is 415.
+The pixel limit is checked on the header's dimensions before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from app.errors import ImageTooLarge, InvalidImage
+from model.data import pil_to_array
+
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+# Pillow's own bomb guard stays on at twice its default as a second line behind max_pixels.
+Image.MAX_IMAGE_PIXELS = 2 * 89_478_485
+
+
+@dataclass(frozen=True)
+class Decoded:
+    rgb: np.ndarray  # (H, W, 3) uint8, as displayed (EXIF orientation applied)
+    format: str  # lower-case: png, jpeg, webp, bmp, tiff, gif
+    frames: int
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+    def for_model(self, channels: int) -> np.ndarray:
+        """(H, W, 3) RGB or (H, W) gray uint8, as the model takes it."""
+        if channels == 3:
+            return self.rgb
+        return np.asarray(Image.fromarray(self.rgb).convert("L"))
+
+
+def decode(data: bytes, max_pixels: int) -> Decoded:
+    """Validate and decode an image file. Raises InvalidImage (415) or ImageTooLarge (413)."""
+    if not data:
+        raise InvalidImage("the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=FORMATS)
+            width, height = im.size
+            if width < 1 or height < 1:
+                raise InvalidImage("the image has no pixels")
+            if width * height > max_pixels:
+                raise ImageTooLarge(
+                    f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+                )
+            fmt = "jpeg" if im.format == "MPO" else (im.format or "").lower()
+            frames = int(getattr(im, "n_frames", 1))
+            im.seek(0)
+            im.load()
+            rgb = pil_to_array(ImageOps.exif_transpose(im), 3)
+    except (ImageTooLarge, InvalidImage):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLarge(f"the image declares more pixels than the limit of {max_pixels}") from None
+    except UnidentifiedImageError:
+        raise InvalidImage(
+            "the file is not an image in a supported format (PNG, JPEG, WebP, BMP, TIFF or GIF)"
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, KeyError, ZeroDivisionError) as exc:
+        # Pillow reports truncated and corrupt files through a variety of exception types.
+        raise InvalidImage(f"the image is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    except MemoryError:
+        raise ImageTooLarge("the image is too large to decode") from None
+    return Decoded(rgb=rgb, format=fmt, frames=frames)
+
+
+def palette_bytes(colors: list[tuple[int, int, int]]) -> list[int]:
+    flat: list[int] = []
+    for c in colors:
+        flat.extend(c)
+    return flat + [0] * (768 - len(flat))
+
+
+def encode_mask_png(mask: np.ndarray, colors: list[tuple[int, int, int]], compress_level: int = 1) -> bytes:
+    """(H, W) uint8 class ids -> palette PNG: pixel values are class ids, the palette the class colors."""
+    h, w = mask.shape
+    im = Image.frombytes("P", (w, h), np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
+    im.putpalette(palette_bytes(colors))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def encode_overlay_png(
+    rgb: np.ndarray, mask: np.ndarray, colors: list[tuple[int, int, int]], alpha: float, compress_level: int = 1
+) -> bytes:
+    """The image with each non-background class blended in its color at opacity ``alpha``."""
+    lut = np.array(colors, dtype=np.float32)  # (K, 3)
+    color = lut[mask]  # (H, W, 3)
+    a = np.where(mask > 0, np.float32(alpha), np.float32(0))[..., None]
+    out = rgb.astype(np.float32) * (1 - a) + color * a
+    im = Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def rle_encode(binary: np.ndarray) -> dict[str, Any]:
+    """COCO-style uncompressed RLE: column-major run lengths, starting with a run of zeros."""
+    h, w = binary.shape
+    flat = np.asarray(binary, dtype=bool).ravel(order="F")
+    if flat.size == 0:
+        return {"size": [h, w], "counts": []}
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate(([0], change, [flat.size]))
+    counts = np.diff(bounds).tolist()
+    if flat[0]:
+        counts = [0, *counts]
+    return {"size": [h, w], "counts": counts}
+
+
+def rle_decode(rle: dict[str, Any]) -> np.ndarray:
+    """Inverse of ``rle_encode``: (H, W) bool."""
+    h, w = rle["size"]
+    counts = np.asarray(rle["counts"], dtype=np.int64)
+    values = np.arange(len(counts)) % 2 == 1
+    flat = np.repeat(values, counts)
+    return flat.reshape((w, h)).T
+
+
+def mask_summary(mask: np.ndarray, classes: list[tuple[int, str]]) -> list[dict[str, Any]]:
+    """Per class: pixel count, fraction of the image, bounding box [x, y, width, height] or null, RLE."""
+    total = mask.size
+    counts = np.bincount(mask.ravel(), minlength=len(classes))
+    out = []
+    for cid, name in classes:
+        binary = mask == cid
+        n = int(counts[cid])
+        bbox = None
+        if n:
+            rows = np.flatnonzero(binary.any(1))
+            cols = np.flatnonzero(binary.any(0))
+            bbox = [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+        out.append(
+            {
+                "id": cid,
+                "name": name,
+                "pixels": n,
+                "fraction": n / total if total else 0.0,
+                "bbox": bbox,
+                "rle": rle_encode(binary),
+            }
+        )
+    return out

@@ -1,0 +1,37 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from app.deps import StateDep
+from app.schemas import Status
+
+router = APIRouter(tags=["health"])
+
+
+@router.get(
+    "/healthz",
+    summary="Liveness",
+    response_model=Status,
+    description="200 while the process lives, whether or not the models are loaded.",
+)
+def healthz() -> Status:
+    return Status(status="ok")
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness",
+    response_model=Status,
+    description="200 once every model is loaded onto its device and warmed up; 503 before (or if loading failed).",
+    responses={503: {"model": Status, "description": "Models still loading, or start-up failed (see detail)."}},
+)
+def readyz(state: StateDep) -> Status | JSONResponse:
+    if state.ready.is_set():
+        return Status(status="ready")
+    status = "failed" if state.error else "loading"
+    return JSONResponse(
+        Status(status=status, detail=state.error).model_dump(), status_code=503, headers={"Retry-After": "1"}
+    )

@@ -1,0 +1,65 @@
+"""The loaded models and their cards."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.deps import EngineDep
+from app.engine import ModelEngine
+from app.routes.errors import ERRORS
+from app.schemas import ClassOut, DatasetOut, InputPolicyOut, ModelList, ModelOut
+
+router = APIRouter(tags=["models"])
+
+
+def describe(m: ModelEngine, default: bool) -> ModelOut:
+    c = m.card
+    return ModelOut(
+        name=c.name,
+        version=c.version,
+        description=c.description,
+        default=default,
+        device=str(m.device),
+        precision=str(m.dtype).removeprefix("torch."),
+        classes=[ClassOut(id=k.id, name=k.name, color=k.color) for k in c.classes],
+        input=InputPolicyOut(
+            channels=c.input.channels,
+            sizing=c.input.sizing,
+            size=c.input.size,
+            overlap=c.input.overlap,
+            mean=list(c.input.mean),
+            std=list(c.input.std),
+        ),
+        metrics=dict(c.metrics),
+        dataset=DatasetOut(
+            name=c.dataset.name, url=c.dataset.url, license=c.dataset.license, citation=c.dataset.citation
+        ),
+        architecture=c.architecture.to_dict(),
+    )
+
+
+@router.get(
+    "/models",
+    summary="List the models",
+    response_model=ModelList,
+    description="Every loaded model: version, classes and colors, input policy, validation metrics, "
+    "whether it is the default, and the device and precision it runs with.",
+    responses={k: ERRORS[k] for k in (401, 503)},
+)
+def list_models(engine: EngineDep) -> ModelList:
+    return ModelList(
+        default_model=engine.default_model,
+        models=[describe(m, name == engine.default_model) for name, m in engine.models.items()],
+    )
+
+
+@router.get(
+    "/models/{name}",
+    summary="Describe one model",
+    description="One model's card, as listed by `GET /v1/models`.",
+    response_model=ModelOut,
+    responses={k: ERRORS[k] for k in (401, 404, 503)},
+)
+def get_model(name: str, engine: EngineDep) -> ModelOut:
+    m = engine.get(name)
+    return describe(m, name == engine.default_model)

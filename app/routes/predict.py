@@ -1,0 +1,107 @@
+"""Predictions: an image (sent or uploaded before) in, its segmentation mask out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+
+from app.deps import EngineDep, StateDep, StoreDep
+from app.errors import InvalidRequest, UnknownUpload
+from app.imaging import decode, encode_mask_png, encode_overlay_png, mask_summary
+from app.routes.errors import ERRORS
+from app.routes.uploads import read_single_file
+from app.schemas import Prediction
+
+router = APIRouter(tags=["predict"])
+
+PNG_BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+def server_timing(timings: dict[str, float]) -> str:
+    return ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in timings.items())
+
+
+@router.post(
+    "/predict",
+    summary="Segment an image",
+    description=(
+        "Send the image as the multipart field `file`, or the id of an earlier upload as `upload_id` (not both).\n\n"
+        "- `format=png` (default): a palette PNG at the image's displayed size whose pixel values are class ids "
+        "and whose palette holds the class colors: viewable and machine-readable.\n"
+        "- `format=overlay`: the image with the non-background classes blended over it at opacity `alpha`.\n"
+        "- `format=json`: per class its pixel count, fraction, bounding box and COCO-style RLE.\n\n"
+        "Every response carries `Server-Timing` (decode, queue, model, encode) and `X-Model`."
+    ),
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The mask.",
+            "content": {
+                "image/png": PNG_BINARY,
+                "application/json": {
+                    "schema": Prediction.model_json_schema(ref_template="#/components/schemas/{model}")
+                },
+            },
+        },
+        **{k: ERRORS[k] for k in (401, 404, 413, 415, 422, 503, 504)},
+    },
+)
+async def predict(
+    request: Request,
+    state: StateDep,
+    engine: EngineDep,
+    store: StoreDep,
+    model: Annotated[str | None, Query(description="Model name; the default model when omitted.")] = None,
+    format: Annotated[Literal["png", "overlay", "json"], Query(description="Response format.")] = "png",
+    alpha: Annotated[float, Query(ge=0, le=1, description="Mask opacity for format=overlay.")] = 0.5,
+    file: Annotated[UploadFile | None, File(description="The image.")] = None,
+    upload_id: Annotated[str | None, Form(description="Id of an earlier upload, instead of a file.")] = None,
+) -> Response:
+    settings = state.settings
+    t0 = time.perf_counter()
+    m = engine.get(model)  # 404 for an unknown model before any work is done
+    if file is not None and upload_id is not None:
+        raise InvalidRequest("send either 'file' or 'upload_id', not both")
+    if upload_id is not None:
+        data = store.read(upload_id)
+        if data is None:
+            raise UnknownUpload(f"no upload with id {upload_id!r}")
+    else:
+        data = await read_single_file(request, file, settings.max_upload_bytes)
+    loop = asyncio.get_running_loop()
+    decoded = await loop.run_in_executor(state.executor, decode, data, settings.max_pixels)
+    image = decoded.for_model(m.card.input.channels)
+    t1 = time.perf_counter()
+    seg = await engine.segment(m.name, image, state.executor, settings.request_timeout_s)
+    t2 = time.perf_counter()
+    colors = [c.color for c in m.card.classes]
+    headers = {"X-Model": m.name, "X-Model-Version": m.card.version}
+    # "decode" covers reading, decoding and preparing the model's inputs (resizing or tiling).
+    timings = {"decode": t1 - t0 + seg.timings["prepare"], "queue": seg.timings["queue"], "model": seg.timings["model"]}
+    if format == "json":
+        classes = [(c.id, c.name) for c in m.card.classes]
+        summary = await loop.run_in_executor(state.executor, mask_summary, seg.mask, classes)
+        timings["encode"] = time.perf_counter() - t2
+        body = Prediction(
+            model=m.name,
+            version=m.card.version,
+            width=decoded.width,
+            height=decoded.height,
+            classes=summary,
+            timings_ms={k: round(v * 1000, 3) for k, v in timings.items()},
+        )
+        headers["Server-Timing"] = server_timing(timings)
+        return JSONResponse(body.model_dump(mode="json"), headers=headers)
+    if format == "overlay":
+        png = await loop.run_in_executor(
+            state.executor, encode_overlay_png, decoded.rgb, seg.mask, colors, alpha, settings.png_compress_level
+        )
+    else:
+        png = await loop.run_in_executor(state.executor, encode_mask_png, seg.mask, colors, settings.png_compress_level)
+    timings["encode"] = time.perf_counter() - t2
+    headers["Server-Timing"] = server_timing(timings)
+    return Response(png, media_type="image/png", headers=headers)

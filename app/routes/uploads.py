@@ -1,0 +1,115 @@
+"""Uploads: images stored by content (SHA-256) so they can be predicted on again without resending."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, File, Query, Request, Response, UploadFile
+from fastapi.responses import JSONResponse
+
+from app.deps import StateDep, StoreDep
+from app.errors import ImageTooLarge, InvalidRequest, UnknownUpload
+from app.imaging import decode
+from app.routes.errors import ERRORS
+from app.schemas import UploadList, UploadOut
+from app.store import Upload
+
+router = APIRouter(tags=["uploads"])
+
+
+def to_out(u: Upload) -> UploadOut:
+    return UploadOut(id=u.id, width=u.width, height=u.height, format=u.format, bytes=u.bytes, created_at=u.created_at)
+
+
+async def read_single_file(request: Request, file: UploadFile | None, limit: int) -> bytes:
+    """The bytes of the one multipart ``file`` field; 422 if there is none or more than one, 413 if too big."""
+    form = await request.form()
+    files = form.getlist("file")
+    if len(files) > 1:
+        raise InvalidRequest("send one image in the 'file' field, not several")
+    if file is None:
+        raise InvalidRequest("send the image as the multipart field 'file'")
+    # The body limit already bounds what was received; this is the exact per-file limit.
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise ImageTooLarge(f"the file is over the limit of {limit} bytes")
+    return data
+
+
+@router.post(
+    "/uploads",
+    summary="Upload an image",
+    status_code=201,
+    response_model=UploadOut,
+    description="Store an image for later predictions. The id is the SHA-256 of the bytes: uploading the same "
+    "file again answers 200 with the existing upload instead of 201. The image is fully decoded first, so "
+    "only valid images are stored.",
+    responses={
+        200: {"model": UploadOut, "description": "The same bytes were already stored."},
+        **{k: ERRORS[k] for k in (401, 413, 415, 422)},
+    },
+)
+async def create_upload(
+    request: Request,
+    state: StateDep,
+    store: StoreDep,
+    file: Annotated[UploadFile | None, File(description="The image: PNG, JPEG, WebP, BMP, TIFF or GIF.")] = None,
+) -> JSONResponse:
+    data = await read_single_file(request, file, state.settings.max_upload_bytes)
+    loop = asyncio.get_running_loop()
+    decoded = await loop.run_in_executor(state.executor, decode, data, state.settings.max_pixels)
+    upload, created = await loop.run_in_executor(
+        state.executor, store.put, data, decoded.width, decoded.height, decoded.format
+    )
+    body = to_out(upload).model_dump(mode="json")
+    return JSONResponse(body, status_code=201 if created else 200, headers={"Location": f"/v1/uploads/{upload.id}"})
+
+
+@router.get(
+    "/uploads",
+    summary="List uploads",
+    response_model=UploadList,
+    description="Newest first, with the store's totals, quota and retention.",
+    responses={k: ERRORS[k] for k in (401,)},
+)
+def list_uploads(
+    store: StoreDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> UploadList:
+    stats = store.stats()
+    return UploadList(
+        items=[to_out(u) for u in store.recent(limit, offset)],
+        count=stats.count,
+        total_bytes=stats.bytes,
+        max_bytes=stats.max_bytes,
+        retention_s=stats.retention_s,
+    )
+
+
+@router.get(
+    "/uploads/{upload_id}",
+    summary="Describe an upload",
+    description="The stored upload's metadata. Unknown and malformed ids are 404.",
+    response_model=UploadOut,
+    responses={k: ERRORS[k] for k in (401, 404)},
+)
+def get_upload(upload_id: str, store: StoreDep) -> UploadOut:
+    upload = store.get(upload_id)
+    if upload is None:
+        raise UnknownUpload(f"no upload with id {upload_id!r}")
+    return to_out(upload)
+
+
+@router.delete(
+    "/uploads/{upload_id}",
+    summary="Delete an upload",
+    description="Remove the upload's file and its metadata. Unknown and malformed ids are 404.",
+    status_code=204,
+    responses={k: ERRORS[k] for k in (401, 404)},
+)
+def delete_upload(upload_id: str, store: StoreDep) -> Response:
+    if not store.delete(upload_id):
+        raise UnknownUpload(f"no upload with id {upload_id!r}")
+    return Response(status_code=204)

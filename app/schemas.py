@@ -1,0 +1,103 @@
+"""Response bodies, as the OpenAPI document shows them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Status(BaseModel):
+    status: str = Field(examples=["ok"])
+    detail: str | None = Field(None, description="Why the service is not ready, when it is not.")
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(examples=["the file is not an image in a supported format (PNG, JPEG, WebP, BMP, TIFF or GIF)"])
+
+
+class ClassOut(BaseModel):
+    id: int = Field(examples=[1])
+    name: str = Field(examples=["polyp"])
+    color: tuple[int, int, int] = Field(examples=[(255, 59, 48)], description="RGB, as in the mask PNG's palette.")
+
+
+class InputPolicyOut(BaseModel):
+    channels: int = Field(examples=[3])
+    sizing: Literal["resize", "tile"] = Field(
+        description="resize: the whole image is resized to size x size; tile: native scale, size x size tiles."
+    )
+    size: int = Field(examples=[224])
+    overlap: float = Field(examples=[0.25], description="Tile overlap (tile sizing).")
+    mean: list[float]
+    std: list[float]
+
+
+class DatasetOut(BaseModel):
+    name: str
+    url: str
+    license: str
+    citation: str
+
+
+class ModelOut(BaseModel):
+    name: str = Field(examples=["polyp"])
+    version: str = Field(examples=["1.0.0"])
+    description: str
+    default: bool
+    device: str = Field(examples=["cpu"])
+    precision: str = Field(examples=["bfloat16"])
+    classes: list[ClassOut]
+    input: InputPolicyOut
+    metrics: dict[str, float] = Field(examples=[{"val_dice": 0.81, "val_iou": 0.72}])
+    dataset: DatasetOut
+    architecture: dict[str, int | str | bool]
+
+
+class ModelList(BaseModel):
+    default_model: str = Field(examples=["polyp"])
+    models: list[ModelOut]
+
+
+class UploadOut(BaseModel):
+    id: str = Field(
+        description="SHA-256 of the file's bytes.",
+        examples=["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"],
+    )
+    width: int = Field(examples=[622], description="Width as displayed (EXIF orientation applied).")
+    height: int = Field(examples=[529])
+    format: str = Field(examples=["jpeg"])
+    bytes: int = Field(examples=[48211])
+    created_at: datetime
+
+
+class UploadList(BaseModel):
+    items: list[UploadOut]
+    count: int = Field(description="Uploads stored.")
+    total_bytes: int = Field(description="Bytes stored.")
+    max_bytes: int = Field(description="Quota in bytes; the oldest uploads are evicted first (0 = no quota).")
+    retention_s: float = Field(description="Uploads older than this are evicted (0 = kept forever).")
+
+
+class RLE(BaseModel):
+    size: tuple[int, int] = Field(description="[height, width]")
+    counts: list[int] = Field(description="COCO-style uncompressed RLE: column-major runs, starting with zeros.")
+
+
+class ClassArea(BaseModel):
+    id: int
+    name: str
+    pixels: int
+    fraction: float
+    bbox: tuple[int, int, int, int] | None = Field(description="[x, y, width, height], or null when absent.")
+    rle: RLE
+
+
+class Prediction(BaseModel):
+    model: str = Field(examples=["polyp"])
+    version: str = Field(examples=["1.0.0"])
+    width: int
+    height: int
+    classes: list[ClassArea]
+    timings_ms: dict[str, float] = Field(examples=[{"decode": 4.1, "queue": 0.2, "model": 31.5, "encode": 0.9}])

@@ -1,0 +1,188 @@
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.engine import Engine, ModelEngine, Timing, resolve_device, resolve_dtype
+from app.errors import InferenceFailed, Overloaded, UnknownModel
+from model.bundle import load_bundle
+from tests.helpers import tiny_card, write_tiny_bundle
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a model: records batch shapes, can hold the worker until released, fails on NaN inputs."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.shapes: list[tuple[int, ...]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.entered.set()
+        self.gate.wait(10)
+        self.shapes.append(tuple(x.shape))
+        if torch.isnan(x).any():
+            raise ValueError("NaN input")
+        out: torch.Tensor = self.inner(x)
+        return out
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> ModelEngine:
+    folder, _, _ = write_tiny_bundle(tmp_path / "tiny")
+    eng = ModelEngine(
+        load_bundle(folder), torch.device("cpu"), torch.float32, max_batch=4, max_wait_s=0.001, queue_size=3
+    )
+    eng.model = Recorder(eng.model)  # type: ignore[arg-type]
+    return eng
+
+
+def rec(engine: ModelEngine) -> Recorder:
+    assert isinstance(engine.model, Recorder)
+    return engine.model
+
+
+def hold(engine: ModelEngine) -> Future[tuple[torch.Tensor, Timing]]:
+    """Occupy the worker with one job that waits at the gate."""
+    r = rec(engine)
+    r.gate.clear()
+    r.entered.clear()
+    fut = engine.submit(torch.randn(1, 3, 8, 8))
+    assert r.entered.wait(10)
+    return fut
+
+
+def test_each_request_gets_its_own_result(engine: ModelEngine) -> None:
+    engine.start()
+    inputs = [torch.randn(n, 3, 16, 16) for n in (1, 2, 1)]
+    blocker = hold(engine)
+    futs = [engine.submit(x) for x in inputs]
+    rec(engine).gate.set()
+    blocker.result(10)
+    with torch.no_grad():
+        expected = [rec(engine).inner(x) for x in inputs]
+    for fut, want in zip(futs, expected, strict=True):
+        got, timing = fut.result(10)
+        assert torch.allclose(got, want, atol=1e-5)
+        assert timing.queue_s >= 0 and timing.model_s > 0
+    # The three waiting jobs (4 inputs) went through as one batch.
+    assert (4, 3, 16, 16) in rec(engine).shapes
+    engine.stop()
+
+
+def test_batches_hold_only_one_input_shape(engine: ModelEngine) -> None:
+    engine.start()
+    blocker = hold(engine)
+    a = engine.submit(torch.randn(1, 3, 16, 16))
+    b = engine.submit(torch.randn(1, 3, 24, 24))
+    c = engine.submit(torch.randn(1, 3, 16, 16))
+    rec(engine).gate.set()
+    for f in (blocker, a, b, c):
+        f.result(10)
+    shapes = rec(engine).shapes[1:]
+    assert sorted(shapes) == [(1, 3, 24, 24), (2, 3, 16, 16)]
+    engine.stop()
+
+
+def test_large_jobs_are_split_into_max_batch_pieces(engine: ModelEngine) -> None:
+    engine.start()
+    logits, _ = engine.submit(torch.randn(10, 3, 8, 8)).result(10)
+    assert logits.shape == (10, 2, 8, 8)
+    assert [s[0] for s in rec(engine).shapes] == [4, 4, 2]
+    engine.stop()
+
+
+def test_a_full_queue_answers_overloaded_at_once(engine: ModelEngine) -> None:
+    engine.start()
+    blocker = hold(engine)
+    queued = [engine.submit(torch.randn(1, 3, 8, 8)) for _ in range(3)]
+    with pytest.raises(Overloaded) as info:
+        engine.submit(torch.randn(1, 3, 8, 8))
+    assert info.value.status_code == 503 and info.value.headers["Retry-After"] == "1"
+    assert engine.stats.rejected == 1
+    rec(engine).gate.set()
+    for f in [blocker, *queued]:
+        f.result(10)
+    engine.stop()
+
+
+def test_a_failing_item_fails_alone(engine: ModelEngine) -> None:
+    engine.start()
+    blocker = hold(engine)
+    good = engine.submit(torch.randn(1, 3, 8, 8))
+    bad = engine.submit(torch.full((1, 3, 8, 8), float("nan")))
+    good2 = engine.submit(torch.randn(1, 3, 8, 8))
+    rec(engine).gate.set()
+    blocker.result(10)
+    assert good.result(10)[0].shape == (1, 2, 8, 8)
+    assert good2.result(10)[0].shape == (1, 2, 8, 8)
+    with pytest.raises(InferenceFailed, match="NaN input"):
+        bad.result(10)
+    engine.stop()
+
+
+def test_stop_drains_the_queue_then_refuses(engine: ModelEngine) -> None:
+    engine.start()
+    blocker = hold(engine)
+    queued = [engine.submit(torch.randn(1, 3, 8, 8)) for _ in range(3)]
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()
+    rec(engine).gate.set()
+    stopper.join(10)
+    assert not stopper.is_alive()
+    for f in [blocker, *queued]:
+        assert f.result(0)[0].shape == (1, 2, 8, 8)
+    with pytest.raises(Overloaded, match="shutting down"):
+        engine.submit(torch.randn(1, 3, 8, 8))
+
+
+def test_cancelled_jobs_are_skipped(engine: ModelEngine) -> None:
+    engine.start()
+    blocker = hold(engine)
+    gone = engine.submit(torch.randn(1, 3, 32, 32))
+    assert gone.cancel()
+    rec(engine).gate.set()
+    blocker.result(10)
+    engine.stop()
+    assert (1, 3, 32, 32) not in rec(engine).shapes
+
+
+def test_engine_registry_and_sync_pipeline(tmp_path: Path) -> None:
+    write_tiny_bundle(tmp_path / "a", name="a")
+    write_tiny_bundle(tmp_path / "b", name="b", channels=1, sizing="tile", size=32)
+    eng = Engine.from_folder(tmp_path, torch.device("cpu"), precision="float32", default_model="b")
+    assert eng.default_model == "b"
+    eng.start()
+    seg = eng.segment_sync(None, np.zeros((50, 70), np.uint8))
+    assert seg.mask.shape == (50, 70) and seg.model == "b"
+    with pytest.raises(UnknownModel, match="available: a, b"):
+        eng.get("c")
+    eng.stop()
+    with pytest.raises(ValueError, match="no model bundle"):
+        Engine.from_folder(tmp_path / "empty", torch.device("cpu"))
+    write_tiny_bundle(tmp_path / "dup", name="a")
+    with pytest.raises(ValueError, match="two bundles are named 'a'"):
+        Engine.from_folder(tmp_path, torch.device("cpu"))
+
+
+def test_device_and_precision_resolution() -> None:
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unsupported device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+    card = tiny_card(precisions=("float16", "float32"))
+    assert resolve_dtype("auto", card, torch.device("cpu")) == torch.float32  # no float16 autocast on CPU
+    assert resolve_dtype("float32", card, torch.device("cpu")) == torch.float32
+    with pytest.raises(ValueError, match="not supported"):
+        resolve_dtype("float16", card, torch.device("cpu"))
