@@ -348,12 +348,16 @@ class Engine:
         image: np.ndarray,
         executor: concurrent.futures.Executor | None = None,
         timeout_s: float | None = None,
+        size: tuple[int, int] | None = None,
     ) -> Segmentation:
-        """Segment an (H, W[, C]) uint8 image, already in the model's channels, off the event loop."""
+        """Segment an (H, W[, C]) uint8 image, already in the model's channels, off the event loop.
+
+        ``size``: the (height, width) of the mask when ``image`` is a reduced copy (see ``make_plan``).
+        """
         engine = self.get(name)
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        plan: Plan = await loop.run_in_executor(executor, make_plan, image, engine.card.input)
+        plan: Plan = await loop.run_in_executor(executor, make_plan, image, engine.card.input, size)
         prepare_s = time.perf_counter() - t0
         fut = engine.submit(plan.inputs)
         try:

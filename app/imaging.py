@@ -19,23 +19,22 @@ from app.errors import ImageTooLarge, InvalidImage
 from model.data import pil_to_array
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+ORIENTATION = 0x0112  # EXIF tag
 # Pillow's own bomb guard stays on at twice its default as a second line behind max_pixels.
 Image.MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 
 @dataclass(frozen=True)
 class Decoded:
-    rgb: np.ndarray  # (H, W, 3) uint8, as displayed (EXIF orientation applied)
+    rgb: np.ndarray  # (h, w, 3) uint8, oriented as displayed; smaller than width x height if reduced
+    width: int  # the image's size as displayed (EXIF orientation applied), which masks have
+    height: int
     format: str  # lower-case: png, jpeg, webp, bmp, tiff, gif
     frames: int
 
     @property
-    def height(self) -> int:
-        return int(self.rgb.shape[0])
-
-    @property
-    def width(self) -> int:
-        return int(self.rgb.shape[1])
+    def reduced(self) -> bool:
+        return self.rgb.shape[:2] != (self.height, self.width)
 
     def for_model(self, channels: int) -> np.ndarray:
         """(H, W, 3) RGB or (H, W) gray uint8, as the model takes it."""
@@ -44,8 +43,13 @@ class Decoded:
         return np.asarray(Image.fromarray(self.rgb).convert("L"))
 
 
-def decode(data: bytes, max_pixels: int) -> Decoded:
-    """Validate and decode an image file. Raises InvalidImage (415) or ImageTooLarge (413)."""
+def decode(data: bytes, max_pixels: int, reduce_to: int | None = None) -> Decoded:
+    """Validate and decode an image file. Raises InvalidImage (415) or ImageTooLarge (413).
+
+    ``reduce_to``: the caller only needs the pixels at ``reduce_to`` x ``reduce_to`` or more (a model that
+    resizes its input). JPEGs are then decoded at a reduced scale in the DCT domain (1/2, 1/4 or 1/8, never
+    below ``reduce_to``), several times faster; ``width`` and ``height`` stay those of the full image.
+    """
     if not data:
         raise InvalidImage("the file is empty")
     try:
@@ -62,7 +66,11 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
             fmt = "jpeg" if im.format == "MPO" else (im.format or "").lower()
             frames = int(getattr(im, "n_frames", 1))
             im.seek(0)
+            if reduce_to and fmt == "jpeg":
+                im.draft("RGB", (reduce_to, reduce_to))
             im.load()
+            if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # these orientations swap the axes
+                width, height = height, width
             rgb = pil_to_array(ImageOps.exif_transpose(im), 3)
     except (ImageTooLarge, InvalidImage):
         raise
@@ -77,7 +85,7 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
         raise InvalidImage(f"the image is truncated or corrupt ({type(exc).__name__}: {exc})") from None
     except MemoryError:
         raise ImageTooLarge("the image is too large to decode") from None
-    return Decoded(rgb=rgb, format=fmt, frames=frames)
+    return Decoded(rgb=rgb, width=width, height=height, format=fmt, frames=frames)
 
 
 def palette_bytes(colors: list[tuple[int, int, int]]) -> list[int]:

@@ -74,19 +74,22 @@ def gaussian_window(h: int, w: int, sigma_scale: float = 0.125) -> torch.Tensor:
     return win.clamp_min(1e-3)
 
 
-def make_plan(image: np.ndarray, policy: InputPolicy) -> Plan:
+def make_plan(image: np.ndarray, policy: InputPolicy, size: tuple[int, int] | None = None) -> Plan:
     """Turn an (H, W, C) or (H, W) uint8 image into model inputs according to ``policy``.
 
     "resize": one input of ``size`` x ``size``. "tile": tiles of ``size`` x ``size`` at native scale (one
     smaller tile when the image is smaller), all of one shape so that they batch together.
+    ``size``: (height, width) the mask must have when ``image`` is a reduced copy (resize policies only).
     """
-    h, w = image.shape[:2]
+    h, w = size or image.shape[:2]
     if policy.sizing == "resize":
         pil = Image.fromarray(image)
-        if (w, h) != (policy.size, policy.size):
+        if pil.size != (policy.size, policy.size):
             pil = pil.resize((policy.size, policy.size), Image.Resampling.BILINEAR)
         x = to_tensor(np.asarray(pil), policy)
         return Plan(inputs=x.unsqueeze(0), height=h, width=w, sizing="resize", origins=[])
+    if (h, w) != image.shape[:2]:
+        raise ValueError("tiled inference needs the image at its full size")
     full = to_tensor(image, policy)  # (C, H, W)
     t = policy.size
     th, tw = min(t, h), min(t, w)
@@ -131,12 +134,16 @@ def _resize_argmax(logits: torch.Tensor, height: int, width: int) -> np.ndarray:
     Banding keeps memory at K x band x W floats for very large images. Each band interpolates from the
     full low-resolution logits with align_corners=False geometry, so bands join without seams.
     """
+    if logits.shape[0] == 2:
+        # Bilinear interpolation is linear: class 1 wins where the interpolated logit difference is > 0,
+        # exactly as the argmax of both interpolated logits would say, at half the work.
+        logits = logits[1:] - logits[:1]
     _, h, w = logits.shape
     out = np.empty((height, width), dtype=np.uint8)
     band = max(1, _BAND_PIXELS // max(1, width))
     if band >= height:
         up = F.interpolate(logits[None].cpu(), size=(height, width), mode="bilinear", align_corners=False)
-        out[:] = up[0].argmax(0).to(torch.uint8).numpy()
+        out[:] = _argmax(up[0]).numpy()
         return out
     # Sample rows explicitly with grid_sample so each band matches the single-shot interpolation.
     xs = (torch.arange(width, dtype=torch.float32) + 0.5) * (w / width) - 0.5
@@ -148,5 +155,12 @@ def _resize_argmax(logits: torch.Tensor, height: int, width: int) -> np.ndarray:
         gy = (ys + 0.5) / h * 2 - 1
         grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)[None]
         part = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        out[top : top + len(rows)] = part[0].argmax(0).to(torch.uint8).numpy()
+        out[top : top + len(rows)] = _argmax(part[0]).numpy()
     return out
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """(K, H, W) -> (H, W) uint8; K == 1 holds the class-1-minus-class-0 difference of a binary model."""
+    if logits.shape[0] == 1:
+        return (logits[0] > 0).to(torch.uint8)
+    return logits.argmax(0).to(torch.uint8)

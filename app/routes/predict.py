@@ -64,6 +64,7 @@ async def predict(
     settings = state.settings
     t0 = time.perf_counter()
     m = engine.get(model)  # 404 for an unknown model before any work is done
+    request.state.model = m.name  # for the access log and metrics
     if file is not None and upload_id is not None:
         raise InvalidRequest("send either 'file' or 'upload_id', not both")
     if upload_id is not None:
@@ -73,15 +74,22 @@ async def predict(
     else:
         data = await read_single_file(request, file, settings.max_upload_bytes)
     loop = asyncio.get_running_loop()
-    decoded = await loop.run_in_executor(state.executor, decode, data, settings.max_pixels)
-    image = decoded.for_model(m.card.input.channels)
+    policy = m.card.input
+    # A model that resizes its input needs no more pixels than its input size, unless the full image is
+    # drawn in the response (overlay).
+    reduce_to = policy.size if policy.sizing == "resize" and format != "overlay" else None
+    decoded = await loop.run_in_executor(state.executor, decode, data, settings.max_pixels, reduce_to)
+    image = decoded.for_model(policy.channels)
     t1 = time.perf_counter()
-    seg = await engine.segment(m.name, image, state.executor, settings.request_timeout_s)
+    seg = await engine.segment(
+        m.name, image, state.executor, settings.request_timeout_s, (decoded.height, decoded.width)
+    )
     t2 = time.perf_counter()
     colors = [c.color for c in m.card.classes]
     headers = {"X-Model": m.name, "X-Model-Version": m.card.version}
     # "decode" covers reading, decoding and preparing the model's inputs (resizing or tiling).
     timings = {"decode": t1 - t0 + seg.timings["prepare"], "queue": seg.timings["queue"], "model": seg.timings["model"]}
+    request.state.timings = timings  # the same dict: "encode" is added below
     if format == "json":
         classes = [(c.id, c.name) for c in m.card.classes]
         summary = await loop.run_in_executor(state.executor, mask_summary, seg.mask, classes)
