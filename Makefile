@@ -31,6 +31,7 @@ unit:
 test: lint typecheck unit
 
 bench:
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.run
 
 clean:

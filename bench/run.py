@@ -1,0 +1,340 @@
+"""The serving benchmark: one command, one machine, the same images for every contestant.
+
+    python -m bench.run [--weights-dir weights] [--model polyp] [--seconds 15] [--clients 1 8 32]
+
+Measures, in this order (each server runs alone):
+1. the raw model forward in-process at batch sizes 1..16, the best of which is the ceiling a server tends to;
+2. this service over real HTTP (``unetseg serve``) at each client count: images/s, p50, p99;
+3. a naive FastAPI service with one forward per request (``bench/naive_server.py``);
+4. LitServe serving the same model with its own batching (``bench/litserve_server.py``), if installed;
+then single-client latency on a large image for each server. Everything uses the same precision (the
+service's choice for the model on this device). Results: a table on stdout and JSON in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from app.engine import resolve_device, resolve_dtype
+from bench.loadgen import LoadResult, json_request, multipart_request, run_load
+from model.bundle import discover, load_bundle
+from model.train import hardware
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASET_IMAGES = ROOT.parent / "shared" / "datasets" / "kvasir_seg" / "images"
+
+
+def make_images(large_side: int) -> tuple[bytes, bytes, str]:
+    """(512x512 JPEG, large JPEG, where the pixels came from)."""
+    files = sorted(DATASET_IMAGES.glob("*.jpg")) if DATASET_IMAGES.is_dir() else []
+    if files:
+        src = Image.open(files[0]).convert("RGB")
+        origin = f"a Kvasir-SEG frame ({files[0].name}), resized"
+    else:
+        rng = np.random.default_rng(0)
+        small = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+        src = Image.fromarray(small).resize((512, 512), Image.Resampling.BICUBIC)
+        origin = "a generated smooth random image"
+
+    def jpeg(size: tuple[int, int]) -> bytes:
+        buf = io.BytesIO()
+        src.resize(size, Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=90)
+        return buf.getvalue()
+
+    return jpeg((512, 512)), jpeg((large_side, large_side * 3 // 4)), origin
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def server(cmd: list[str], port: int, health: str, env: dict[str, str] | None = None) -> Iterator[None]:
+    log = tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[2]} exited: {Path(log.name).read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}{health}", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{cmd[2]} not ready: {Path(log.name).read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        os.unlink(log.name)
+
+
+def raw_forward(bundle_dir: Path, device: torch.device, dtype: torch.dtype, seconds: float) -> dict[str, Any]:
+    """Images/s of the bare forward pass (inputs already on the device) at batch sizes 1..16."""
+    bundle = load_bundle(bundle_dir)
+    model = bundle.model.to(device).eval()
+    channels_last = device.type == "cuda" or dtype != torch.float32
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    p = bundle.card.input
+    rows = {}
+    for bs in (1, 2, 4, 8, 16):
+        x = torch.randn(bs, p.channels, p.size, p.size, device=device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        n = 0
+        with torch.inference_mode(), torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+            model(x)  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds / 5:
+                model(x)
+                n += bs
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        rows[bs] = round(n / (time.perf_counter() - start), 2)
+    best = max(rows, key=lambda k: rows[k])
+    return {"images_per_s_by_batch": rows, "best_batch": best, "best_images_per_s": rows[best]}
+
+
+def load(port: int, request: bytes, clients: int, seconds: float) -> LoadResult:
+    return asyncio.run(run_load("127.0.0.1", port, request, clients, seconds, warmup_s=min(3.0, seconds / 3)))
+
+
+def measure(
+    name: str, port: int, small: bytes, large: bytes, clients: list[int], seconds: float, build: Any
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"loads": []}
+    for c in clients:
+        r = load(port, build(small), c, seconds)
+        out["loads"].append(r.summary())
+        print(
+            f"  {name:<10} {c:>3} clients: {r.throughput:7.2f} img/s  p50 {r.percentile(50) * 1000:7.1f} ms  "
+            f"p99 {r.percentile(99) * 1000:7.1f} ms  errors {r.errors}",
+            flush=True,
+        )
+    big = load(port, build(large), 1, max(3.0, seconds / 2))
+    out["large"] = big.summary()
+    print(f"  {name:<10} large image, 1 client: p50 {big.percentile(50) * 1000:.1f} ms", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--weights-dir", type=Path, default=ROOT / "weights")
+    ap.add_argument("--model", default="polyp")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seconds", type=float, default=15.0, help="measured seconds per client count")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--large-side", type=int, default=4000)
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--peers", nargs="*", default=["naive", "litserve"], choices=["naive", "litserve"])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
+    a = ap.parse_args(argv)
+
+    folders = {load_bundle(f).card.name: f for f in discover(a.weights_dir)}
+    if a.model not in folders:
+        ap.error(f"no bundle named {a.model!r} in {a.weights_dir} (found: {', '.join(folders) or 'none'})")
+    bundle_dir = folders[a.model]
+    device = resolve_device(a.device)
+    card = load_bundle(bundle_dir).card
+    dtype = resolve_dtype("auto", card, device)
+    dname = str(dtype).removeprefix("torch.")
+    small, large, origin = make_images(a.large_side)
+    report: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "hardware": hardware(device),
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "model": {
+            "name": card.name,
+            "version": card.version,
+            "input": f"{card.input.sizing} {card.input.size}",
+            "architecture": card.architecture.to_dict(),
+        },
+        "device": str(device),
+        "precision": dname,
+        "images": {"small": "512x512 JPEG", "large": f"{a.large_side}x{a.large_side * 3 // 4} JPEG", "source": origin},
+        "seconds": a.seconds,
+        "max_batch": a.max_batch,
+        "max_wait_ms": a.max_wait_ms,
+    }
+    print(f"raw forward ({card.name}, {device}, {dname}):", flush=True)
+    report["raw"] = raw_forward(bundle_dir, device, dtype, a.seconds)
+    print(f"  {report['raw']}", flush=True)
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        port = free_port()
+        env = {
+            "UNETSEG_WEIGHTS_DIR": str(a.weights_dir),
+            "UNETSEG_DATA_DIR": data_dir,
+            "UNETSEG_DEVICE": str(device),
+            "UNETSEG_MAX_BATCH": str(a.max_batch),
+            "UNETSEG_MAX_WAIT_MS": str(a.max_wait_ms),
+            "UNETSEG_QUEUE_SIZE": "256",
+            "UNETSEG_LOG_LEVEL": "warning",
+        }
+        with server([sys.executable, "-m", "app", "serve", "--port", str(port)], port, "/readyz", env):
+            report["service"] = measure(
+                "service",
+                port,
+                small,
+                large,
+                a.clients,
+                a.seconds,
+                lambda data: multipart_request(
+                    "127.0.0.1", port, f"/v1/predict?model={card.name}", "file", "x.jpg", data, "image/jpeg"
+                ),
+            )
+    if "naive" in a.peers:
+        port = free_port()
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.naive_server",
+            str(bundle_dir),
+            str(port),
+            "--dtype",
+            dname,
+            "--device",
+            device.type,
+        ]
+        with server(cmd, port, "/docs"):
+            report["naive"] = measure(
+                "naive",
+                port,
+                small,
+                large,
+                a.clients,
+                a.seconds,
+                lambda data: multipart_request("127.0.0.1", port, "/predict", "file", "x.jpg", data, "image/jpeg"),
+            )
+    if "litserve" in a.peers:
+        try:
+            import litserve  # noqa: F401
+        except ImportError:
+            print("  litserve is not installed: pip install litserve (or: pip install -e '.[bench]')")
+        else:
+            port = free_port()
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.litserve_server",
+                str(bundle_dir),
+                str(port),
+                "--dtype",
+                dname,
+                "--device",
+                device.type,
+                "--max-batch",
+                str(a.max_batch),
+                "--wait-s",
+                str(a.max_wait_ms / 1000),
+            ]
+            with server(cmd, port, "/health"):
+                report["litserve"] = measure(
+                    "litserve",
+                    port,
+                    small,
+                    large,
+                    a.clients,
+                    a.seconds,
+                    lambda data: json_request(
+                        "127.0.0.1", port, "/predict", json.dumps({"image": base64.b64encode(data).decode()}).encode()
+                    ),
+                )
+
+    def tput(name: str, clients: int) -> float | None:
+        for row in report.get(name, {}).get("loads", []):
+            if row["clients"] == clients:
+                return float(row["images_per_s"])
+        return None
+
+    ratios: dict[str, dict[str, float]] = {}
+    for c in a.clients:
+        s = tput("service", c)
+        if not s:
+            continue
+        r: dict[str, float] = {"service_vs_raw": round(s / report["raw"]["best_images_per_s"], 3)}
+        for peer in ("naive", "litserve"):
+            v = tput(peer, c)
+            if v:
+                r[f"service_vs_{peer}"] = round(s / v, 3)
+        ratios[str(c)] = r
+    report["ratios"] = ratios
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(render(report))
+    print(f"\nwritten to {a.out}")
+    return 0
+
+
+def render(report: dict[str, Any]) -> str:
+    raw = report["raw"]
+    lines = [
+        f"{report['model']['name']} ({report['model']['input']}) on {report['machine']['hardware']}, "
+        f"{report['precision']}; raw forward best {raw['best_images_per_s']} img/s at batch {raw['best_batch']}",
+        "",
+        "| server | clients | images/s | p50 ms | p99 ms | errors | vs raw |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("service", "naive", "litserve"):
+        for row in report.get(name, {}).get("loads", []):
+            vs = row["images_per_s"] / raw["best_images_per_s"]
+            errors = sum(row["errors"].values())
+            lines.append(
+                f"| {name} | {row['clients']} | {row['images_per_s']} | {row['p50_ms']} | {row['p99_ms']} | "
+                f"{errors} | {vs:.2f} |"
+            )
+    lines += ["", "| server | large image p50 ms |", "|---|---:|"]
+    for name in ("service", "naive", "litserve"):
+        if name in report:
+            lines.append(f"| {name} | {report[name]['large']['p50_ms']} |")
+    lines += ["", "| clients | service/raw | service/naive | service/LitServe |", "|---:|---:|---:|---:|"]
+    for c, r in report["ratios"].items():
+        lines.append(
+            f"| {c} | {r.get('service_vs_raw', '-')} | {r.get('service_vs_naive', '-')} | "
+            f"{r.get('service_vs_litserve', '-')} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
