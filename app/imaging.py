@@ -54,6 +54,9 @@ def decode(data: bytes, max_pixels: int, reduce_to: int | None = None) -> Decode
         raise InvalidImage("the file is empty")
     try:
         with warnings.catch_warnings():
+            # Pillow warns when it skips corrupt metadata (EXIF, TIFF tags) and goes on reading the pixels:
+            # that is the image's problem, not the service's, and decides nothing here.
+            warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = im.size

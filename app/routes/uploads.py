@@ -17,6 +17,8 @@ from app.store import Upload
 
 router = APIRouter(tags=["uploads"])
 
+SQLITE_MAX_INT = 2**63 - 1  # larger integers cannot be bound to an SQLite query
+
 
 def to_out(u: Upload) -> UploadOut:
     return UploadOut(id=u.id, width=u.width, height=u.height, format=u.format, bytes=u.bytes, created_at=u.created_at)
@@ -76,7 +78,7 @@ async def create_upload(
 def list_uploads(
     store: StoreDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=SQLITE_MAX_INT)] = 0,
 ) -> UploadList:
     stats = store.stats()
     return UploadList(
