@@ -471,6 +471,16 @@ def export(cfg: TrainConfig, data: Data, state: dict[str, Any], device: torch.de
     return out
 
 
+def export_run(cfg: TrainConfig) -> Path:
+    """Export the best epoch of the run in ``cfg.run_dir`` as it stands (finished or paused)."""
+    ckpt_path = Path(cfg.run_dir) / "last.pt"
+    if not ckpt_path.exists():
+        raise FileNotFoundError(f"{ckpt_path} does not exist: nothing to export")
+    device = pick_device(cfg.device)
+    state = json.loads(torch.load(ckpt_path, map_location="cpu", weights_only=True)["state"])
+    return export(cfg, load_data(cfg, device), state, device)
+
+
 def _bf16_agreement(model: torch.nn.Module, samples: list[Sample], policy: InputPolicy, device: torch.device) -> float:
     from model.evaluate import predict_logits
 
@@ -492,6 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="bundle folder to write (default: RUN_DIR/bundle)")
     p.add_argument("--run-dir", help="checkpoints, metrics and plots (default: runs/NAME)")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR/last.pt")
+    p.add_argument(
+        "--export",
+        action="store_true",
+        help="write the bundle from the run's best epoch so far (e.g. of a paused run) and exit",
+    )
     p.add_argument("--max-epochs-this-run", type=int, default=0, help="pause after N epochs (resume later)")
     p.add_argument("--mask", default="binary", help="binary[:T] | binary-inverted[:T] | index | palette:RRGGBB,...")
     p.add_argument("--classes", default="background,foreground", help="comma-separated class names, id order")
@@ -576,10 +591,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = config_from_args(args)
-    if args.resume and (Path(cfg.run_dir) / "config.json").exists():
+    if (args.resume or args.export) and (Path(cfg.run_dir) / "config.json").exists():
         # The run's own config wins, so a resume cannot silently change the recipe; only the pause may.
         saved = TrainConfig.from_dict(json.loads((Path(cfg.run_dir) / "config.json").read_text()))
-        cfg = replace(saved, device=cfg.device)
+        cfg = replace(saved, device=cfg.device, out=args.out or saved.out)
+    if args.export:
+        print(export_run(cfg))
+        return 0
     summary = train(cfg, resume=args.resume, max_epochs_this_run=args.max_epochs_this_run)
     print(json.dumps({k: v for k, v in summary.items() if k != "grad_norms"}))
     return 0

@@ -149,3 +149,13 @@ def test_loss_and_schedule() -> None:
     assert lr_factor(9, 10, 100) == pytest.approx(1.0)
     assert lr_factor(10, 10, 100) == pytest.approx(1.0)
     assert lr_factor(100, 10, 100) == pytest.approx(0.01)
+
+
+def test_a_paused_run_can_be_exported(tmp_path: Path) -> None:
+    data = write_disc_dataset(tmp_path / "data")
+    cfg = config(tmp_path, data, epochs=4)
+    train(cfg, max_epochs_this_run=2, log=False)
+    code = main(["--data", str(data), "--name", "discs", "--run-dir", cfg.run_dir, "--export"])
+    assert code == 0
+    card = load_bundle(tmp_path / "run" / "bundle").card
+    assert card.training["epochs"] == 2 and card.architecture.base_width == 4
