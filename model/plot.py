@@ -18,6 +18,7 @@ def plot_curves(
     width: int = 720,
     height: int = 400,
     series: Sequence[tuple[str, tuple[int, int, int], str]] = SERIES,
+    xlabel: str = "epoch",
 ) -> None:
     """Line chart of each series' values against ``epoch``; the y axis spans 0..max(1, largest value)."""
     img = Image.new("RGB", (width, height), "white")
@@ -33,7 +34,7 @@ def plot_curves(
         y = bottom - (bottom - top) * i / 4
         draw.line((left, y, right, y), fill=(230, 230, 230))
         draw.text((8, y - 6), f"{v:.2f}", fill="black")
-    draw.text((right - 40, bottom + 12), f"epoch {xmax:.0f}", fill="black")
+    draw.text((right - 40, bottom + 12), f"{xlabel} {xmax:.0f}", fill="black")
 
     def point(x: float, v: float) -> tuple[float, float]:
         return (left + (right - left) * x / max(xmax, 1.0), bottom - (bottom - top) * v / ymax)
