@@ -100,6 +100,40 @@ def server(cmd: list[str], port: int, health: str, env: dict[str, str] | None = 
         os.unlink(log.name)
 
 
+# Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s (no sparsity).
+GPU_PEAK_BF16_TFLOPS = {
+    "H100 SXM": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "L4": 121.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+}
+
+
+def flops_per_image(bundle_dir: Path) -> float:
+    """Forward FLOPs for one input at the model's input size (a multiply-add counts as 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bundle = load_bundle(bundle_dir)
+    p = bundle.card.input
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        bundle.model(torch.zeros(1, p.channels, p.size, p.size))
+    return float(counter.get_total_flops())
+
+
+def gpu_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in GPU_PEAK_BF16_TFLOPS.items():
+        if all(part in name for part in key.split()):
+            return value
+    return None
+
+
 def raw_forward(bundle_dir: Path, device: torch.device, dtype: torch.dtype, seconds: float) -> dict[str, Any]:
     """Images/s of the bare forward pass (inputs already on the device) at batch sizes 1..16."""
     bundle = load_bundle(bundle_dir)
@@ -198,6 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"raw forward ({card.name}, {device}, {dname}):", flush=True)
     report["raw"] = raw_forward(bundle_dir, device, dtype, a.seconds)
+    flops = flops_per_image(bundle_dir)
+    report["raw"]["gflop_per_image"] = round(flops / 1e9, 3)
+    report["raw"]["achieved_tflops"] = round(flops * report["raw"]["best_images_per_s"] / 1e12, 4)
+    peak = gpu_peak_tflops(device)
+    if peak:
+        report["raw"]["peak_bf16_tflops"] = peak
+        report["raw"]["peak_images_per_s"] = round(peak * 1e12 / flops, 1)
+        report["raw"]["fraction_of_peak"] = round(report["raw"]["achieved_tflops"] / peak, 4)
     print(f"  {report['raw']}", flush=True)
 
     with tempfile.TemporaryDirectory() as data_dir:
@@ -310,7 +352,13 @@ def render(report: dict[str, Any]) -> str:
     raw = report["raw"]
     lines = [
         f"{report['model']['name']} ({report['model']['input']}) on {report['machine']['hardware']}, "
-        f"{report['precision']}; raw forward best {raw['best_images_per_s']} img/s at batch {raw['best_batch']}",
+        f"{report['precision']}; raw forward best {raw['best_images_per_s']} img/s at batch {raw['best_batch']} "
+        f"({raw['gflop_per_image']} GFLOP/image, {raw['achieved_tflops']} TFLOP/s"
+        + (
+            f", {raw['fraction_of_peak']:.1%} of the {raw['peak_bf16_tflops']} TFLOP/s bf16 peak)"
+            if "peak_bf16_tflops" in raw
+            else ")"
+        ),
         "",
         "| server | clients | images/s | p50 ms | p99 ms | errors | vs raw |",
         "|---|---:|---:|---:|---:|---:|---:|",
