@@ -30,6 +30,7 @@ def serve(argv: Sequence[str]) -> int:
                 captured.remove(sig)
 
     from app.config import Settings
+    from app.logs import configure_logging
     from app.main import create_app
 
     defaults = Settings()
@@ -53,11 +54,16 @@ def serve(argv: Sequence[str]) -> int:
         if v is not None
     }
     settings = defaults.model_copy(update=overrides)
+    # One line per request, written by the app's middleware in UNETSEG_LOG_FORMAT: uvicorn's own access
+    # log is off and its other records go through the same handler.
+    configure_logging(settings.log_format, settings.log_level)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,
+        access_log=False,
         timeout_graceful_shutdown=args.grace,
     )
     Server(config).run()

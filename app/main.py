@@ -11,6 +11,7 @@ import concurrent.futures
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,10 +24,12 @@ from app.config import Settings
 from app.deps import require_api_key
 from app.engine import Engine, resolve_device
 from app.errors import ServiceError
-from app.middleware import BodyLimitMiddleware
-from app.routes import health, models, predict, uploads
+from app.metrics import Metrics
+from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, RouteTemplates
+from app.routes import health, models, predict, uploads, web
 from app.state import AppState
 from app.store import UploadStore
+from model.bundle import discover, load_bundle
 
 log = logging.getLogger("unetseg")
 
@@ -43,7 +46,12 @@ Models are self-describing bundles (`GET /v1/models`). When the service has API 
 def _start_engine(state: AppState) -> None:
     assert state.engine is not None
     try:
-        state.engine.start(warmup=state.settings.warmup)
+        for name, m in state.engine.models.items():  # Engine.start's warm-up, timed per model
+            t0 = time.perf_counter()
+            if state.settings.warmup:
+                m.warmup()
+            state.load_s[name] = state.load_s.get(name, 0.0) + time.perf_counter() - t0
+        state.engine.start(warmup=False)
     except Exception as exc:
         state.error = f"warm-up failed: {type(exc).__name__}: {exc}"
         log.exception("model warm-up failed")
@@ -59,8 +67,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
     device = resolve_device(s.device)
-    state.engine = Engine.from_folder(
-        s.weights_dir,
+    bundles = []
+    for folder in discover(s.weights_dir):
+        t0 = time.perf_counter()
+        bundles.append(load_bundle(folder))
+        state.load_s[bundles[-1].card.name] = time.perf_counter() - t0
+    if not bundles:
+        raise ValueError(f"{s.weights_dir} holds no model bundle (a folder with card.json and model.safetensors)")
+    state.engine = Engine(
+        bundles,
         device,
         precision=s.precision,
         max_batch=s.max_batch,
@@ -69,6 +84,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         compile=s.compile,
         default_model=s.default_model,
     )
+    metrics: Metrics = app.state.metrics
+    for m in state.engine.models.values():
+        m.on_batch = metrics.observe_batch
     state.store = UploadStore(s.data_dir, s.max_store_bytes, s.retention_s)
     state.executor = concurrent.futures.ThreadPoolExecutor(s.io_threads or os.cpu_count() or 1, "unetseg-io")
     loader = threading.Thread(target=_start_engine, args=(state,), name="unetseg-warmup", daemon=True)
@@ -96,7 +114,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
     )
-    app.state.unetseg = AppState(settings=settings)
+    state = AppState(settings=settings)
+    app.state.unetseg = state
+    app.state.metrics = metrics = Metrics(state)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_exception_handler(ServiceError, service_error_handler)
     if settings.cors_origins:
@@ -107,7 +127,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
             expose_headers=["Server-Timing", "X-Model", "X-Model-Version", "X-Request-ID", "Retry-After"],
         )
+    # Outermost: every response, the body limit's and CORS's included, gets a request id, a log line and metrics.
+    app.add_middleware(RequestContextMiddleware, observe=metrics.observe_request, routes=RouteTemplates.of(app))
     app.include_router(health.router)
+    web.install(app)
     secured = [Depends(require_api_key)]
     for module in (models, uploads, predict):
         app.include_router(module.router, prefix="/v1", dependencies=secured)

@@ -1,10 +1,22 @@
-"""ASGI middleware: the request body limit, enforced while the body streams in."""
+"""ASGI middleware: the request body limit, enforced while the body streams in; request ids, the access log
+and request metrics."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
 
+from fastapi import FastAPI
+from starlette.datastructures import MutableHeaders
+from starlette.routing import Mount, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -80,3 +92,243 @@ async def _send_json(send: Send, status: int, detail: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+# --- request ids, access log and request metrics ---------------------------------------------------------
+
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+request_id_var: ContextVar[str | None] = ContextVar("unetseg_request_id", default=None)
+access_log = logging.getLogger("unetseg.access")
+
+
+@dataclass
+class RequestRecord:
+    """One answered request, as logged and counted."""
+
+    request_id: str
+    method: str
+    path: str
+    route: str  # the route's template (e.g. /v1/uploads/{upload_id}), never the raw path
+    status: int
+    duration_s: float
+    request_bytes: int
+    response_bytes: int
+    client: str | None = None
+    model: str | None = None  # set by routes that use a model (request.state.model)
+    timings_s: dict[str, float] = field(default_factory=dict)  # predict's split (request.state.timings)
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+            "route": self.route,
+            "model": self.model,
+            "status": self.status,
+            "duration_ms": round(self.duration_s * 1000, 3),
+            "request_bytes": self.request_bytes,
+            "response_bytes": self.response_bytes,
+            "timings_ms": {k: round(v * 1000, 3) for k, v in self.timings_s.items()},
+            "client": self.client,
+        }
+
+    def text(self) -> str:
+        parts = [
+            f"{self.client or '-'} {self.method} {self.path} {self.status} {self.duration_s * 1000:.1f}ms",
+            f"id={self.request_id}",
+            f"route={self.route}",
+        ]
+        if self.model:
+            parts.append(f"model={self.model}")
+        parts.append(f"in={self.request_bytes}B out={self.response_bytes}B")
+        if self.timings_s:
+            parts.append("split=" + ",".join(f"{k}:{v * 1000:.1f}" for k, v in self.timings_s.items()) + "ms")
+        return " ".join(parts)
+
+
+UNMATCHED = "<unmatched>"
+
+
+class RouteTemplates:
+    """Request path -> the template of the route serving it (``/v1/uploads/{upload_id}``), from a fixed set.
+
+    Labels and log fields then never carry raw paths. Literal templates win over templates with parameters.
+    """
+
+    def __init__(self, templates: Iterable[str]) -> None:
+        compiled = []
+        for template in dict.fromkeys(templates):
+            regex, path_format, _ = compile_path(template)
+            compiled.append((regex, path_format))
+        compiled.sort(key=lambda rf: ("{" in rf[1], -len(re.sub(r"\{[^}]*\}", "", rf[1]))))
+        self._compiled = compiled
+
+    def match(self, path: str) -> str:
+        for regex, path_format in self._compiled:
+            if regex.match(path):
+                return path_format
+        return UNMATCHED
+
+    @staticmethod
+    def of(app: FastAPI) -> Callable[[], RouteTemplates]:
+        """A loader of ``app``'s templates (documented paths, the app's own routes and mounts), for when the
+        routes are all added."""
+
+        def load() -> RouteTemplates:
+            templates = list(app.openapi().get("paths", {}))
+            for route in app.routes:
+                path = getattr(route, "path", None)
+                if isinstance(route, Mount):
+                    templates.append(route.path + "/{path:path}")
+                elif isinstance(path, str):
+                    templates.append(path)
+            return RouteTemplates(templates)
+
+        return load
+
+
+class RequestContextMiddleware:
+    """Give every HTTP request an id, put it in error bodies, log one line per request and count it.
+
+    - The id is the client's ``X-Request-ID`` when it is sane (1-128 of ``[A-Za-z0-9._-]``), else a new
+      one; it is returned in ``X-Request-ID``, kept in ``request.state.request_id`` and in
+      ``request_id_var`` while the request runs.
+    - A JSON error response (status >= 400) whose body is an object with ``detail`` gets ``request_id``
+      added next to it.
+    - When the request is done, one ``unetseg.access`` log record carries a ``RequestRecord`` (as
+      ``record.unetseg``), and ``observe`` (the metrics) gets the same record.
+
+    Pure ASGI: response bodies stream through untouched, except the small JSON error bodies it amends.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: Callable[[], RouteTemplates],
+        observe: Callable[[RequestRecord], None] | None = None,
+    ) -> None:
+        self.app = app
+        self.observe = observe
+        self._load_routes = routes
+        self._routes: RouteTemplates | None = None
+
+    def route_of(self, path: str) -> str:
+        if self._routes is None:
+            self._routes = self._load_routes()
+        return self._routes.match(path)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        # Routing rewrites root_path and path for mounts: take the route path as it arrived.
+        path = scope["path"]
+        root_path = scope.get("root_path", "")
+        route_path = path[len(root_path) :] if root_path and path.startswith(root_path) else path
+        rid = None
+        for name, value in scope.get("headers", []):
+            if name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                if REQUEST_ID_RE.fullmatch(candidate):
+                    rid = candidate
+                break
+        request_id = rid or uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        token = request_id_var.set(request_id)
+        status = 500
+        received = 0
+        sent = 0
+        started = False
+        held: Message | None = None  # the start of a JSON error response, sent with its amended body
+        chunks: list[bytes] = []
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+            return message
+
+        async def amending_send(message: Message) -> None:
+            nonlocal status, sent, started, held
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-ID"] = request_id
+                if status >= 400 and headers.get("content-type", "").startswith("application/json"):
+                    held = message
+                    return
+                started = True
+                await send(message)
+                return
+            if message["type"] == "http.response.body":
+                if held is not None:
+                    chunks.append(message.get("body", b""))
+                    if message.get("more_body", False):
+                        return
+                    body = _with_request_id(b"".join(chunks), request_id)
+                    MutableHeaders(scope=held)["content-length"] = str(len(body))
+                    start, held = held, None
+                    started = True
+                    await send(start)
+                    sent += len(body)
+                    await send({"type": "http.response.body", "body": body})
+                    return
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, amending_send)
+        except Exception:
+            status = 500
+            if not started:
+                body = json.dumps({"detail": "internal server error", "request_id": request_id}).encode()
+                sent = len(body)
+                started = True
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"x-request-id", request_id.encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+            raise
+        finally:
+            request_id_var.reset(token)
+            client = scope.get("client")
+            timings = state.get("timings")
+            model = state.get("model")
+            record = RequestRecord(
+                request_id=request_id,
+                method=scope["method"],
+                path=path,
+                route=self.route_of(route_path),
+                status=status,
+                duration_s=time.perf_counter() - t0,
+                request_bytes=received,
+                response_bytes=sent,
+                client=client[0] if client else None,
+                model=model if isinstance(model, str) else None,
+                timings_s=dict(timings) if isinstance(timings, dict) else {},
+            )
+            access_log.info(record.text(), extra={"unetseg": record.fields()})
+            if self.observe is not None:
+                self.observe(record)
+
+
+def _with_request_id(body: bytes, request_id: str) -> bytes:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(data, dict) or "detail" not in data:
+        return body
+    data["request_id"] = request_id
+    return json.dumps(data).encode()

@@ -1,0 +1,447 @@
+// unetseg page: pick a model, send an image, draw its mask over it. Plain JS, no dependencies.
+"use strict";
+
+(() => {
+  const KEY_STORAGE = "unetseg.apiKey";
+  const $ = (id) => document.getElementById(id);
+  const els = {
+    model: $("model"),
+    modelCard: $("model-card"),
+    modelDescription: $("model-description"),
+    modelMeta: $("model-meta"),
+    modelClasses: $("model-classes"),
+    modelMetrics: $("model-metrics"),
+    drop: $("drop"),
+    file: $("file"),
+    fileName: $("file-name"),
+    opacity: $("opacity"),
+    opacityValue: $("opacity-value"),
+    download: $("download"),
+    keyForm: $("key-form"),
+    key: $("api-key"),
+    keyClear: $("key-clear"),
+    status: $("status"),
+    error: $("error"),
+    errorStatus: $("error-status"),
+    errorDetail: $("error-detail"),
+    errorId: $("error-id"),
+    viewer: $("viewer"),
+    imageLayer: $("image-layer"),
+    maskLayer: $("mask-layer"),
+    caption: $("caption"),
+    areas: document.querySelector("#areas tbody"),
+    timingTotal: $("timing-total"),
+    timingSplit: $("timing-split"),
+    roundtrip: $("timing-roundtrip"),
+  };
+
+  const state = {
+    models: new Map(),
+    file: null,
+    run: 0, // id of the latest prediction; older answers are dropped
+    maskUrl: null,
+    maskName: "mask.png",
+  };
+
+  // --- API ------------------------------------------------------------------------------------
+
+  class ApiError extends Error {
+    constructor(status, detail, requestId) {
+      super(detail);
+      this.status = status;
+      this.requestId = requestId;
+    }
+  }
+
+  function storedKey() {
+    try {
+      return sessionStorage.getItem(KEY_STORAGE) || "";
+    } catch {
+      return "";
+    }
+  }
+
+  function authHeaders() {
+    const key = storedKey();
+    return key ? { "X-API-Key": key } : {};
+  }
+
+  // The API's own words: {"detail": "..."} (or FastAPI's list of field errors), with the request id.
+  async function apiError(response) {
+    let detail = `${response.status} ${response.statusText}`.trim();
+    let requestId = response.headers.get("X-Request-ID");
+    try {
+      const body = await response.json();
+      if (typeof body.detail === "string") {
+        detail = body.detail;
+      } else if (Array.isArray(body.detail)) {
+        detail = body.detail.map((e) => `${(e.loc || []).join(".")}: ${e.msg}`).join("; ");
+      }
+      requestId = body.request_id || requestId;
+    } catch {
+      // not JSON: keep the status line
+    }
+    return new ApiError(response.status, detail, requestId);
+  }
+
+  async function api(path, options = {}) {
+    let response;
+    try {
+      response = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+    } catch (err) {
+      throw new ApiError(0, `the service could not be reached (${err.message})`, null);
+    }
+    if (!response.ok) {
+      throw await apiError(response);
+    }
+    return response;
+  }
+
+  function predict(file, model, format, extra = "") {
+    const body = new FormData();
+    body.append("file", file, file.name || "image");
+    const query = `model=${encodeURIComponent(model)}&format=${format}${extra}`;
+    return api(`/v1/predict?${query}`, { method: "POST", body });
+  }
+
+  // --- status and errors ----------------------------------------------------------------------
+
+  function setStatus(text, busy = false) {
+    els.status.textContent = text;
+    els.status.classList.toggle("busy", busy);
+  }
+
+  function showError(err) {
+    const status = err instanceof ApiError ? err.status : 0;
+    els.errorStatus.textContent = status ? `${status}` : "with an error";
+    els.errorDetail.textContent = err.message;
+    els.errorId.textContent = err.requestId ? `Request id: ${err.requestId}` : "";
+    els.error.hidden = false;
+    const needsKey = status === 401;
+    els.keyForm.classList.toggle("needed", needsKey);
+    if (needsKey) {
+      els.key.focus();
+    }
+  }
+
+  function clearError() {
+    els.error.hidden = true;
+    els.keyForm.classList.remove("needed");
+  }
+
+  // --- models ---------------------------------------------------------------------------------
+
+  const rgb = (c) => `rgb(${c[0]}, ${c[1]}, ${c[2]})`;
+
+  function formatMetric(value) {
+    if (typeof value !== "number") return String(value);
+    if (Number.isInteger(value)) return value.toLocaleString("en-US");
+    return Math.abs(value) <= 1 ? value.toFixed(3) : value.toFixed(2);
+  }
+
+  function swatch(color) {
+    const s = document.createElement("span");
+    s.className = "swatch";
+    s.style.background = rgb(color);
+    s.setAttribute("aria-hidden", "true");
+    return s;
+  }
+
+  function showModel(name) {
+    const m = state.models.get(name);
+    if (!m) {
+      els.modelCard.hidden = true;
+      return;
+    }
+    els.modelDescription.textContent = m.description || m.name;
+    const sizing = m.input.sizing === "tile" ? `tiles of ${m.input.size} px` : `resized to ${m.input.size} px`;
+    els.modelMeta.textContent = `version ${m.version} · ${m.device}, ${m.precision} · ${sizing}`;
+    els.modelClasses.replaceChildren(
+      ...m.classes.map((c) => {
+        const li = document.createElement("li");
+        li.append(swatch(c.color), document.createTextNode(c.name));
+        return li;
+      }),
+    );
+    const metrics = Object.entries(m.metrics || {});
+    els.modelMetrics.replaceChildren(
+      ...metrics.flatMap(([k, v]) => {
+        const dt = document.createElement("dt");
+        dt.textContent = k.replaceAll("_", " ");
+        const dd = document.createElement("dd");
+        dd.textContent = formatMetric(v);
+        return [dt, dd];
+      }),
+    );
+    els.modelMetrics.previousElementSibling.hidden = metrics.length === 0;
+    els.modelCard.hidden = false;
+  }
+
+  async function loadModels() {
+    setStatus("Loading models…", true);
+    let body;
+    try {
+      body = await (await api("/v1/models")).json();
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 503) {
+        setStatus("The models are still loading…", true);
+        setTimeout(loadModels, 1500);
+        return;
+      }
+      setStatus("");
+      showError(err);
+      return;
+    }
+    clearError();
+    state.models = new Map(body.models.map((m) => [m.name, m]));
+    const previous = els.model.value;
+    els.model.replaceChildren(
+      ...body.models.map((m) => {
+        const o = document.createElement("option");
+        o.value = m.name;
+        o.textContent = m.default ? `${m.name} (default)` : m.name;
+        return o;
+      }),
+    );
+    els.model.value = state.models.has(previous) ? previous : body.default_model;
+    els.model.disabled = false;
+    showModel(els.model.value);
+    setStatus(state.file ? "" : "Ready. Choose an image.");
+    if (state.file) segment();
+  }
+
+  // --- drawing --------------------------------------------------------------------------------
+
+  // The image as the browser decodes it (EXIF orientation applied, as the service does). Formats the
+  // browser cannot show (TIFF) come back from the service itself: an overlay at opacity 0 is the image.
+  async function loadBitmap(file, model) {
+    try {
+      return await createImageBitmap(file, { imageOrientation: "from-image" });
+    } catch {
+      const response = await predict(file, model, "overlay", "&alpha=0");
+      return createImageBitmap(await response.blob());
+    }
+  }
+
+  // Class ids from the JSON's COCO RLE (column-major runs, zeros first), painted in the class colors;
+  // the background (class 0) stays transparent.
+  function paintMask(pred, model) {
+    const { width: w, height: h } = pred;
+    const canvas = els.maskLayer;
+    canvas.width = w;
+    canvas.height = h;
+    const ctx = canvas.getContext("2d");
+    const image = ctx.createImageData(w, h);
+    const data = image.data;
+    const colors = new Map(model.classes.map((c) => [c.id, c.color]));
+    for (const cls of pred.classes) {
+      if (cls.id === 0 || cls.pixels === 0) continue;
+      const [r, g, b] = colors.get(cls.id) || [255, 0, 255];
+      const counts = cls.rle.counts;
+      let pos = 0;
+      for (let i = 0; i < counts.length; i++) {
+        const n = counts[i];
+        if (i % 2 === 1) {
+          for (let k = pos; k < pos + n; k++) {
+            const x = Math.floor(k / h);
+            const o = ((k - x * h) * w + x) * 4;
+            data[o] = r;
+            data[o + 1] = g;
+            data[o + 2] = b;
+            data[o + 3] = 255;
+          }
+        }
+        pos += n;
+      }
+    }
+    ctx.putImageData(image, 0, 0);
+  }
+
+  function paintImage(bitmap, width, height) {
+    const canvas = els.imageLayer;
+    canvas.width = width;
+    canvas.height = height;
+    canvas.getContext("2d").drawImage(bitmap, 0, 0, width, height);
+  }
+
+  function applyOpacity() {
+    const v = Number(els.opacity.value);
+    els.opacityValue.textContent = `${v}%`;
+    els.maskLayer.style.opacity = String(v / 100);
+  }
+
+  // --- results --------------------------------------------------------------------------------
+
+  const ms = (v) => `${v < 10 ? v.toFixed(1) : Math.round(v).toLocaleString("en-US")} ms`;
+
+  function showAreas(pred, model) {
+    const colors = new Map(model.classes.map((c) => [c.id, c.color]));
+    els.areas.replaceChildren(
+      ...pred.classes.map((c) => {
+        const tr = document.createElement("tr");
+        tr.dataset.classId = String(c.id);
+        tr.dataset.pixels = String(c.pixels);
+        const name = document.createElement("td");
+        const label = document.createElement("div");
+        label.className = "class-cell";
+        label.append(swatch(colors.get(c.id) || [0, 0, 0]), document.createTextNode(c.name));
+        const bar = document.createElement("span");
+        bar.className = "bar";
+        const fill = document.createElement("span");
+        fill.style.width = `${(c.fraction * 100).toFixed(2)}%`;
+        bar.append(fill);
+        name.append(label, bar);
+        const pixels = document.createElement("td");
+        pixels.className = "num pixels";
+        pixels.textContent = c.pixels.toLocaleString("en-US");
+        const share = document.createElement("td");
+        share.className = "num share";
+        share.textContent = `${(c.fraction * 100).toFixed(2)}%`;
+        tr.append(name, pixels, share);
+        return tr;
+      }),
+    );
+  }
+
+  function showTiming(timings, roundtripMs) {
+    const total = Object.values(timings).reduce((a, b) => a + b, 0);
+    els.timingTotal.textContent = ms(total);
+    els.timingSplit.replaceChildren(
+      ...Object.entries(timings).flatMap(([k, v]) => {
+        const dt = document.createElement("dt");
+        dt.textContent = k;
+        const dd = document.createElement("dd");
+        dd.textContent = ms(v);
+        return [dt, dd];
+      }),
+    );
+    els.roundtrip.textContent = `Round trip from this page: ${ms(roundtripMs)}.`;
+  }
+
+  function resetResult() {
+    if (state.maskUrl) URL.revokeObjectURL(state.maskUrl);
+    state.maskUrl = null;
+    els.download.disabled = true;
+    els.areas.replaceChildren();
+    els.timingTotal.textContent = "–";
+    els.timingSplit.replaceChildren();
+    els.roundtrip.textContent = "";
+  }
+
+  async function segment() {
+    const file = state.file;
+    const name = els.model.value;
+    const model = state.models.get(name);
+    if (!file || !model) return;
+    const run = ++state.run;
+    clearError();
+    resetResult();
+    els.viewer.dataset.state = "loading";
+    els.viewer.setAttribute("aria-busy", "true");
+    setStatus(`Segmenting with ${name}…`, true);
+    const t0 = performance.now();
+    try {
+      const [jsonResponse, pngResponse] = await Promise.all([
+        predict(file, name, "json"),
+        predict(file, name, "png"),
+      ]);
+      const pred = await jsonResponse.json();
+      const maskBlob = await pngResponse.blob();
+      const roundtrip = performance.now() - t0;
+      const bitmap = await loadBitmap(file, name);
+      if (run !== state.run) return;
+      paintImage(bitmap, pred.width, pred.height);
+      paintMask(pred, model);
+      applyOpacity();
+      showAreas(pred, model);
+      showTiming(pred.timings_ms, roundtrip);
+      state.maskUrl = URL.createObjectURL(maskBlob);
+      state.maskName = `${(file.name || "image").replace(/\.[^.]*$/, "")}-${name}-mask.png`;
+      els.download.disabled = false;
+      const found = pred.classes
+        .filter((c) => c.id !== 0)
+        .map((c) => `${c.name} ${(c.fraction * 100).toFixed(1)}%`)
+        .join(", ");
+      els.caption.textContent = `${file.name || "image"} · ${pred.width}×${pred.height} · ${name} ${pred.version}`;
+      els.imageLayer.setAttribute("role", "img");
+      els.imageLayer.setAttribute("aria-label", `${file.name || "The image"} with the ${name} mask over it: ${found}`);
+      els.viewer.dataset.state = "done";
+      setStatus(`Done in ${ms(roundtrip)}.`);
+    } catch (err) {
+      if (run !== state.run) return;
+      els.viewer.dataset.state = "error";
+      setStatus("");
+      showError(err);
+    } finally {
+      if (run === state.run) els.viewer.removeAttribute("aria-busy");
+    }
+  }
+
+  function chooseFile(file) {
+    if (!file) return;
+    state.file = file;
+    els.fileName.textContent = `${file.name || "pasted image"} · ${Math.max(1, Math.round(file.size / 1024))} KB`;
+    els.fileName.hidden = false;
+    segment();
+  }
+
+  // --- wiring ---------------------------------------------------------------------------------
+
+  els.model.addEventListener("change", () => {
+    showModel(els.model.value);
+    segment();
+  });
+  els.file.addEventListener("change", () => chooseFile(els.file.files[0]));
+  for (const type of ["dragenter", "dragover"]) {
+    els.drop.addEventListener(type, (e) => {
+      e.preventDefault();
+      els.drop.classList.add("dragging");
+    });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    els.drop.addEventListener(type, () => els.drop.classList.remove("dragging"));
+  }
+  els.drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    chooseFile(e.dataTransfer.files[0]);
+  });
+  document.addEventListener("paste", (e) => {
+    const item = [...(e.clipboardData?.files || [])].find((f) => f.type.startsWith("image/"));
+    if (item) chooseFile(item);
+  });
+  els.opacity.addEventListener("input", applyOpacity);
+  els.download.addEventListener("click", () => {
+    if (!state.maskUrl) return;
+    const a = document.createElement("a");
+    a.href = state.maskUrl;
+    a.download = state.maskName;
+    document.body.append(a);
+    a.click();
+    a.remove();
+  });
+  els.keyForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    try {
+      const key = els.key.value.trim();
+      if (key) sessionStorage.setItem(KEY_STORAGE, key);
+      else sessionStorage.removeItem(KEY_STORAGE);
+    } catch {
+      // storage unavailable: the key is not kept
+    }
+    setStatus("API key saved for this tab.");
+    loadModels();
+  });
+  els.keyClear.addEventListener("click", () => {
+    els.key.value = "";
+    try {
+      sessionStorage.removeItem(KEY_STORAGE);
+    } catch {
+      // nothing stored
+    }
+    setStatus("API key cleared.");
+  });
+
+  els.key.value = storedKey();
+  applyOpacity();
+  loadModels();
+})();
