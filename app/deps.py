@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Request, Response, Security
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
 from app.engine import Engine
 from app.errors import NotReady, Unauthorized
@@ -43,16 +46,19 @@ _header = APIKeyHeader(
 )
 
 
-def require_api_key(
-    state: StateDep,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-    header: Annotated[str | None, Security(_header)],
-) -> None:
-    """When keys are configured, accept a request only with one of them, compared in constant time."""
-    keys = state.settings.api_key
+def check_api_key(request: Request) -> None:
+    """When keys are configured, refuse (401) a request that offers none of them, compared in constant time.
+
+    The key is read from ``X-API-Key``, else from ``Authorization: Bearer <key>``.
+    """
+    keys = get_state(request).settings.api_key
     if not keys:
         return
-    offered = header if header is not None else (bearer.credentials if bearer is not None else None)
+    offered = request.headers.get("x-api-key") or None
+    if offered is None:
+        scheme, credentials = get_authorization_scheme_param(request.headers.get("authorization"))
+        if scheme.lower() == "bearer" and credentials:
+            offered = credentials
     if offered is None:
         raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
     given = offered.encode()
@@ -61,3 +67,29 @@ def require_api_key(
         match |= hmac.compare_digest(given, key.encode())
     if not match:
         raise Unauthorized("the API key is not valid")
+
+
+def require_api_key(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    header: Annotated[str | None, Security(_header)],
+) -> None:
+    """``check_api_key`` as a dependency, which puts the security schemes in the OpenAPI document."""
+    check_api_key(request)
+
+
+class KeyCheckedRoute(APIRoute):
+    """A route that checks the API key before it reads the request body.
+
+    FastAPI reads (and spools) a request's body before it runs any dependency, so with the dependency
+    alone a client without a key could still make the server take in a whole upload before its 401.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Response:
+            check_api_key(request)
+            return await handler(request)
+
+        return checked

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.deps import EngineDep
+from app.deps import EngineDep, KeyCheckedRoute
 from app.engine import ModelEngine
 from app.routes.errors import ERRORS
 from app.schemas import ClassOut, DatasetOut, InputPolicyOut, ModelList, ModelOut
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], route_class=KeyCheckedRoute)
 
 
 def describe(m: ModelEngine, default: bool) -> ModelOut:

@@ -9,14 +9,14 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
-from app.deps import EngineDep, StateDep, StoreDep
+from app.deps import EngineDep, KeyCheckedRoute, StateDep, StoreDep
 from app.errors import InvalidRequest, UnknownUpload
 from app.imaging import decode, encode_mask_png, encode_overlay_png, mask_summary
 from app.routes.errors import ERRORS
 from app.routes.uploads import read_single_file
 from app.schemas import Prediction
 
-router = APIRouter(tags=["predict"])
+router = APIRouter(tags=["predict"], route_class=KeyCheckedRoute)
 
 PNG_BINARY = {"schema": {"type": "string", "format": "binary"}}
 

@@ -8,14 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 
-from app.deps import StateDep, StoreDep
+from app.deps import KeyCheckedRoute, StateDep, StoreDep
 from app.errors import ImageTooLarge, InvalidRequest, UnknownUpload
 from app.imaging import decode
 from app.routes.errors import ERRORS
 from app.schemas import UploadList, UploadOut
 from app.store import Upload
 
-router = APIRouter(tags=["uploads"])
+router = APIRouter(tags=["uploads"], route_class=KeyCheckedRoute)
 
 SQLITE_MAX_INT = 2**63 - 1  # larger integers cannot be bound to an SQLite query
 
