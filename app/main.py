@@ -40,7 +40,11 @@ DESCRIPTION = """Image segmentation with U-Nets. Send an image, get its mask bac
 values are class ids, the image with the mask overlaid, or per-class areas and COCO RLE as JSON.
 
 Models are self-describing bundles (`GET /v1/models`). When the service has API keys configured, every
-`/v1` endpoint needs one, as `Authorization: Bearer <key>` or `X-API-Key: <key>`."""
+`/v1` endpoint needs one, as `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+
+Every response carries an `X-Request-ID` (yours, when you send a sane one: up to 128 of `A-Z a-z 0-9 . _ -`);
+error bodies repeat it as `request_id` next to `detail`. A page to try the models is at `/`; Prometheus
+metrics are at `/metrics`."""
 
 
 def _start_engine(state: AppState) -> None:

@@ -15,6 +15,10 @@ class Status(BaseModel):
 
 class ErrorBody(BaseModel):
     detail: str = Field(examples=["the file is not an image in a supported format (PNG, JPEG, WebP, BMP, TIFF or GIF)"])
+    request_id: str = Field(
+        description="The request's id, as in the X-Request-ID response header: quote it when reporting a problem.",
+        examples=["3f2a9c0d5e6b4a718f0e2d1c4b5a6978"],
+    )
 
 
 class ClassOut(BaseModel):
@@ -74,10 +78,12 @@ class UploadOut(BaseModel):
 
 class UploadList(BaseModel):
     items: list[UploadOut]
-    count: int = Field(description="Uploads stored.")
-    total_bytes: int = Field(description="Bytes stored.")
-    max_bytes: int = Field(description="Quota in bytes; the oldest uploads are evicted first (0 = no quota).")
-    retention_s: float = Field(description="Uploads older than this are evicted (0 = kept forever).")
+    count: int = Field(description="Uploads stored.", examples=[12])
+    total_bytes: int = Field(description="Bytes stored.", examples=[734512])
+    max_bytes: int = Field(
+        description="Quota in bytes; the oldest uploads are evicted first (0 = no quota).", examples=[1073741824]
+    )
+    retention_s: float = Field(description="Uploads older than this are evicted (0 = kept forever).", examples=[0])
 
 
 class RLE(BaseModel):

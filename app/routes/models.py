@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 
 from app.deps import EngineDep, KeyCheckedRoute
 from app.engine import ModelEngine
@@ -60,6 +62,9 @@ def list_models(engine: EngineDep) -> ModelList:
     response_model=ModelOut,
     responses={k: ERRORS[k] for k in (401, 404, 503)},
 )
-def get_model(name: str, engine: EngineDep) -> ModelOut:
+def get_model(
+    name: Annotated[str, Path(description="The model's name, as listed by `GET /v1/models`.", examples=["polyp"])],
+    engine: EngineDep,
+) -> ModelOut:
     m = engine.get(name)
     return describe(m, name == engine.default_model)

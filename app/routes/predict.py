@@ -19,6 +19,31 @@ from app.schemas import Prediction
 router = APIRouter(tags=["predict"], route_class=KeyCheckedRoute)
 
 PNG_BINARY = {"schema": {"type": "string", "format": "binary"}}
+PREDICTION_EXAMPLE = {
+    "model": "polyp",
+    "version": "1.0.0",
+    "width": 4,
+    "height": 3,
+    "classes": [
+        {
+            "id": 0,
+            "name": "background",
+            "pixels": 10,
+            "fraction": 0.8333,
+            "bbox": [0, 0, 4, 3],
+            "rle": {"size": [3, 4], "counts": [0, 4, 1, 2, 1, 4]},
+        },
+        {
+            "id": 1,
+            "name": "polyp",
+            "pixels": 2,
+            "fraction": 0.1667,
+            "bbox": [1, 1, 2, 1],
+            "rle": {"size": [3, 4], "counts": [4, 1, 2, 1, 4]},
+        },
+    ],
+    "timings_ms": {"decode": 4.1, "queue": 0.2, "model": 31.5, "encode": 0.9},
+}
 
 
 def server_timing(timings: dict[str, float]) -> str:
@@ -43,7 +68,8 @@ def server_timing(timings: dict[str, float]) -> str:
             "content": {
                 "image/png": PNG_BINARY,
                 "application/json": {
-                    "schema": Prediction.model_json_schema(ref_template="#/components/schemas/{model}")
+                    "schema": Prediction.model_json_schema(ref_template="#/components/schemas/{model}"),
+                    "example": PREDICTION_EXAMPLE,
                 },
             },
         },
@@ -55,9 +81,13 @@ async def predict(
     state: StateDep,
     engine: EngineDep,
     store: StoreDep,
-    model: Annotated[str | None, Query(description="Model name; the default model when omitted.")] = None,
-    format: Annotated[Literal["png", "overlay", "json"], Query(description="Response format.")] = "png",
-    alpha: Annotated[float, Query(ge=0, le=1, description="Mask opacity for format=overlay.")] = 0.5,
+    model: Annotated[
+        str | None, Query(description="Model name; the default model when omitted.", examples=["polyp"])
+    ] = None,
+    format: Annotated[
+        Literal["png", "overlay", "json"], Query(description="Response format.", examples=["json"])
+    ] = "png",
+    alpha: Annotated[float, Query(ge=0, le=1, description="Mask opacity for format=overlay.", examples=[0.5])] = 0.5,
     file: Annotated[UploadFile | None, File(description="The image.")] = None,
     upload_id: Annotated[str | None, Form(description="Id of an earlier upload, instead of a file.")] = None,
 ) -> Response:

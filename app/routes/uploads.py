@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, File, Query, Request, Response, UploadFile
+from fastapi import APIRouter, File, Path, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 
 from app.deps import KeyCheckedRoute, StateDep, StoreDep
@@ -18,6 +18,13 @@ from app.store import Upload
 router = APIRouter(tags=["uploads"], route_class=KeyCheckedRoute)
 
 SQLITE_MAX_INT = 2**63 - 1  # larger integers cannot be bound to an SQLite query
+UploadId = Annotated[
+    str,
+    Path(
+        description="The upload's id: the SHA-256 of its bytes, as returned by `POST /v1/uploads`.",
+        examples=["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"],
+    ),
+]
 
 
 def to_out(u: Upload) -> UploadOut:
@@ -77,8 +84,8 @@ async def create_upload(
 )
 def list_uploads(
     store: StoreDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=SQLITE_MAX_INT)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Most uploads to list.", examples=[100])] = 100,
+    offset: Annotated[int, Query(ge=0, le=SQLITE_MAX_INT, description="Uploads to skip.", examples=[0])] = 0,
 ) -> UploadList:
     stats = store.stats()
     return UploadList(
@@ -97,7 +104,7 @@ def list_uploads(
     response_model=UploadOut,
     responses={k: ERRORS[k] for k in (401, 404)},
 )
-def get_upload(upload_id: str, store: StoreDep) -> UploadOut:
+def get_upload(upload_id: UploadId, store: StoreDep) -> UploadOut:
     upload = store.get(upload_id)
     if upload is None:
         raise UnknownUpload(f"no upload with id {upload_id!r}")
@@ -111,7 +118,7 @@ def get_upload(upload_id: str, store: StoreDep) -> UploadOut:
     status_code=204,
     responses={k: ERRORS[k] for k in (401, 404)},
 )
-def delete_upload(upload_id: str, store: StoreDep) -> Response:
+def delete_upload(upload_id: UploadId, store: StoreDep) -> Response:
     if not store.delete(upload_id):
         raise UnknownUpload(f"no upload with id {upload_id!r}")
     return Response(status_code=204)

@@ -289,6 +289,7 @@
         bar.className = "bar";
         const fill = document.createElement("span");
         fill.style.width = `${(c.fraction * 100).toFixed(2)}%`;
+        fill.style.background = c.id === 0 ? "" : rgb(colors.get(c.id) || [0, 0, 0]);
         bar.append(fill);
         name.append(label, bar);
         const pixels = document.createElement("td");
