@@ -238,3 +238,23 @@ def test_page_and_static_files_are_served_without_a_key(tmp_path: Path, weights_
         assert c.get("/metrics").status_code == 200
         # Everything the page loads is its own: nothing from another host.
         assert "http://" not in html and "https://" not in html
+
+
+def test_an_unhandled_error_is_a_500_with_the_request_id_logged_and_counted(
+    tmp_path: Path, weights_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(make_settings(tmp_path, weights_dir))
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    app.add_api_route("/broken", broken, methods=["GET"])
+    caplog.set_level(logging.INFO, logger="unetseg.access")
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/broken", headers={"X-Request-ID": "err-1"})
+        assert r.status_code == 500 and r.headers["x-request-id"] == "err-1"
+        assert r.json() == {"detail": "internal server error", "request_id": "err-1"}
+        (rec,) = access_records(caplog, "err-1")
+        assert rec.unetseg["status"] == 500 and rec.unetseg["route"] == "/broken"  # type: ignore[attr-defined]
+        samples = scrape(c)
+        assert value(samples, "unetseg_requests_total", route="/broken", method="GET", model="", status="500") == 1
