@@ -133,8 +133,9 @@ class RequestRecord:
         }
 
     def text(self) -> str:
+        path = _printable(self.path)
         parts = [
-            f"{self.client or '-'} {self.method} {self.path} {self.status} {self.duration_s * 1000:.1f}ms",
+            f"{self.client or '-'} {self.method} {path} {self.status} {self.duration_s * 1000:.1f}ms",
             f"id={self.request_id}",
             f"route={self.route}",
         ]
@@ -146,6 +147,14 @@ class RequestRecord:
         return " ".join(parts)
 
 
+def _printable(text: str, limit: int = 1000) -> str:
+    """Control characters escaped (a decoded path may hold a newline), and cut at ``limit`` characters."""
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 UNMATCHED = "<unmatched>"
 
 

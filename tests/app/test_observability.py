@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.logs import JsonFormatter, TextFormatter, make_formatter
 from app.main import create_app
+from app.middleware import UNMATCHED as UNMATCHED_ROUTE
 from app.middleware import RequestRecord
 from tests.conftest import make_settings, wait_ready
 from tests.helpers import image_bytes
@@ -219,6 +220,9 @@ def test_record_text_names_every_field() -> None:
         rec.text()
         == "1.2.3.4 POST /v1/predict 200 12.3ms id=r1 route=/v1/predict model=polyp in=10B out=20B split=model:10.0ms"
     )
+    # A decoded path may hold control characters: the text line stays one line.
+    rec = RequestRecord("r2", "GET", "/a\nINFO forged\x1b", UNMATCHED_ROUTE, 404, 0.001, 0, 10)
+    assert rec.text().startswith("- GET /a\\x0aINFO forged\\x1b 404 ") and "\n" not in rec.text()
 
 
 def test_page_and_static_files_are_served_without_a_key(tmp_path: Path, weights_dir: Path) -> None:
