@@ -318,6 +318,7 @@ def save_bundle(folder: Path | str, card: Card, model: torch.nn.Module, storage:
     }
     tmp_weights = folder / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp_weights), metadata={"format": FORMAT, "name": card.name, "version": card.version})
+    tmp_weights.chmod(0o644)  # readable by the service's own user, like the card
     tmp_card = folder / (CARD_FILE + ".tmp")
     tmp_card.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
     tmp_weights.replace(folder / WEIGHTS_FILE)

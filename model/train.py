@@ -140,7 +140,8 @@ def hardware(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
