@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-ID_RE = re.compile(r"^[0-9a-f]{64}$")
+ID_RE = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline through
 
 
 @dataclass(frozen=True)
@@ -115,22 +115,26 @@ class UploadStore:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        now = time.time()
+        # The rename and the row go together under the lock, as a delete's row and file do: otherwise a
+        # delete of the same bytes could remove this file after its row was inserted.
         with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO uploads (id, width, height, format, bytes, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (upload_id, width, height, fmt, len(data), now),
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+            created = (
+                self._db.execute(
+                    "INSERT OR IGNORE INTO uploads (id, width, height, format, bytes, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (upload_id, width, height, fmt, len(data), time.time()),
+                ).rowcount
+                > 0
             )
         self.evict(keep=upload_id)
         upload = self.get(upload_id)
         assert upload is not None
-        return upload, True
+        return upload, created
 
     def get(self, upload_id: str) -> Upload | None:
-        if not ID_RE.match(upload_id):
+        if not ID_RE.fullmatch(upload_id):
             return None
         with self._lock:
             row = self._db.execute(
@@ -152,12 +156,12 @@ class UploadStore:
             return None
 
     def delete(self, upload_id: str) -> bool:
-        if not ID_RE.match(upload_id):
+        if not ID_RE.fullmatch(upload_id):
             return False
         with self._lock:
             gone = self._db.execute("DELETE FROM uploads WHERE id = ?", (upload_id,)).rowcount > 0
-        if gone:
-            self.path_for(upload_id).unlink(missing_ok=True)
+            if gone:
+                self.path_for(upload_id).unlink(missing_ok=True)
         return gone
 
     def recent(self, limit: int = 100, offset: int = 0) -> list[Upload]:
@@ -196,6 +200,6 @@ class UploadStore:
                 for uid in over:
                     self._db.execute("DELETE FROM uploads WHERE id = ?", (uid,))
                 removed += over
-        for uid in removed:
-            self.path_for(uid).unlink(missing_ok=True)
+            for uid in removed:
+                self.path_for(uid).unlink(missing_ok=True)
         return removed
