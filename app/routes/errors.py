@@ -20,6 +20,11 @@ def _error(description: str, example: str, **extra: Any) -> dict[str, Any]:
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _error(
+        "The body is not well-formed: a broken multipart body, a form field over 1 MB, more than 1000 fields "
+        "or files, or an invalid Content-Length.",
+        "Invalid multipart data.",
+    ),
     401: _error(
         "An API key is required (UNETSEG_API_KEY is set) and was missing or wrong.",
         "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",

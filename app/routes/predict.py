@@ -73,7 +73,7 @@ def server_timing(timings: dict[str, float]) -> str:
                 },
             },
         },
-        **{k: ERRORS[k] for k in (401, 404, 413, 415, 422, 503, 504)},
+        **{k: ERRORS[k] for k in (400, 401, 404, 413, 415, 422, 503, 504)},
     },
 )
 async def predict(

@@ -56,7 +56,7 @@ async def read_single_file(request: Request, file: UploadFile | None, limit: int
     "only valid images are stored.",
     responses={
         200: {"model": UploadOut, "description": "The same bytes were already stored."},
-        **{k: ERRORS[k] for k in (401, 413, 415, 422)},
+        **{k: ERRORS[k] for k in (400, 401, 413, 415, 422)},
     },
 )
 async def create_upload(
