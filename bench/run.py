@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -74,7 +76,10 @@ def free_port() -> int:
 @contextmanager
 def server(cmd: list[str], port: int, health: str, env: dict[str, str] | None = None) -> Iterator[None]:
     log = tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False)  # noqa: SIM115
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+    # A session of its own, so that stopping it also stops the worker processes some servers fork.
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -90,12 +95,13 @@ def server(cmd: list[str], port: int, health: str, env: dict[str, str] | None = 
             time.sleep(0.2)
         yield
     finally:
-        proc.terminate()
-        try:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left
+        proc.wait()
         log.close()
         os.unlink(log.name)
 
