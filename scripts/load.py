@@ -1,13 +1,15 @@
 """Load a running unetseg server with a mix of real requests and report what happened.
 
     python scripts/load.py [--url http://127.0.0.1:8000] [--requests 2000] [--concurrency 8] [--duration 60]
-                           [--pid PID] [--mix predict,json,overlay,upload,by-id,models] [--model NAME ...]
+                           [--warmup 0] [--pid PID] [--mix predict,json,overlay,upload,by-id,models]
+                           [--model NAME ...] [--size 640x480] [--api-key KEY] [--json FILE]
 
 Each of ``--concurrency`` clients (one thread and one keep-alive connection each) sends one request after
 another, cycling through the mix, until ``--requests`` have been sent or ``--duration`` seconds have
-passed, whichever comes first. Reported: requests, errors by status (0 = no answer), p50/p99 latency,
-throughput, and, with ``--pid`` (the server's process id, on this machine), its resident memory before
-and after. Exit status 1 if any request failed.
+passed, whichever comes first; ``--warmup`` requests go first and are not counted. Reported: requests,
+errors by status (0 = no answer), p50/p99 latency, throughput, and, with ``--pid`` (the server's process
+id, on this machine), its resident memory after the warm-up and at the end. Exit status 1 if any request
+failed.
 
 Requests go to the loopback interface only, unless ``--allow-remote`` says otherwise.
 """
@@ -135,53 +137,63 @@ def run_load(
     headers: dict[str, str] | None = None,
     pid: int | None = None,
     timeout: float = 120.0,
+    warmup: int = 0,
 ) -> Report:
-    """Send up to ``requests`` requests in ``duration`` seconds from ``concurrency`` clients; see the module doc."""
+    """Send up to ``requests`` requests in ``duration`` seconds from ``concurrency`` clients; see the module doc.
+
+    ``warmup`` requests are sent first and not counted; the memory before is read after them.
+    """
     for kind in mix:
         if kind not in KINDS:
             raise ValueError(f"unknown request kind {kind!r}; known: {', '.join(KINDS)}")
-    report = Report()
     with httpx.Client(base_url=url, headers=headers, timeout=timeout) as setup:
         upload_ids = []
         for image in images:  # what "by-id" predicts on
             r = setup.post("/v1/uploads", files={"file": ("image.jpg", image, "image/jpeg")})
             r.raise_for_status()
             upload_ids.append(r.json()["id"])
+
+    def drive(report: Report, count: int, seconds: float) -> None:
+        lock = threading.Lock()
+        counter = iter(range(count))
+        deadline = time.monotonic() + seconds
+
+        def client_loop() -> None:
+            with httpx.Client(base_url=url, headers=headers, timeout=timeout) as client:
+                while time.monotonic() < deadline:
+                    with lock:
+                        i = next(counter, None)
+                    if i is None:
+                        return
+                    kind = mix[i % len(mix)]
+                    image = i % len(images)
+                    t0 = time.perf_counter()
+                    try:
+                        r = send(client, kind, images[image], models[i % len(models)], upload_ids[image])
+                        status = r.status_code
+                    except httpx.HTTPError:
+                        status = 0
+                    elapsed = time.perf_counter() - t0
+                    with lock:
+                        report.statuses[status] += 1
+                        report.by_kind[kind] += 1
+                        if status:
+                            report.latencies.append(elapsed)
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=client_loop, name=f"load-{n}") for n in range(concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        report.seconds = time.perf_counter() - start
+
+    if warmup:
+        drive(Report(), warmup, duration)
+    report = Report()
     if pid is not None:
         report.rss_before_kib = rss_kib(pid)
-    lock = threading.Lock()
-    counter = iter(range(requests))
-    deadline = time.monotonic() + duration
-
-    def client_loop() -> None:
-        with httpx.Client(base_url=url, headers=headers, timeout=timeout) as client:
-            while time.monotonic() < deadline:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                kind = mix[i % len(mix)]
-                image = i % len(images)
-                t0 = time.perf_counter()
-                try:
-                    r = send(client, kind, images[image], models[i % len(models)], upload_ids[image])
-                    status = r.status_code
-                except httpx.HTTPError:
-                    status = 0
-                elapsed = time.perf_counter() - t0
-                with lock:
-                    report.statuses[status] += 1
-                    report.by_kind[kind] += 1
-                    if status:
-                        report.latencies.append(elapsed)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client_loop, name=f"load-{n}") for n in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    report.seconds = time.perf_counter() - start
+    drive(report, requests, duration)
     if pid is not None:
         report.rss_after_kib = rss_kib(pid)
     return report
@@ -194,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8, help="clients sending at once (default: %(default)s)")
     p.add_argument("--duration", type=float, default=60.0, help="most seconds to run (default: %(default)s)")
     p.add_argument("--pid", type=int, help="the server's process id, to report its memory before and after")
+    p.add_argument("--warmup", type=int, default=0, help="requests sent first, not counted (default: %(default)s)")
     p.add_argument("--mix", default=",".join(KINDS), help="request kinds, sent in turn (default: %(default)s)")
     p.add_argument("--model", action="append", help="model(s) to predict with, in turn (default: the server's)")
     p.add_argument("--images", type=int, default=8, help="distinct images sent (default: %(default)s)")
@@ -207,17 +220,22 @@ def main(argv: list[str] | None = None) -> int:
     width, height = (int(v) for v in args.size.lower().split("x"))
     images = make_images(args.images, width, height)
     headers = {"X-API-Key": args.api_key} if args.api_key else None
-    report = run_load(
-        args.url,
-        args.requests,
-        args.concurrency,
-        args.duration,
-        [k.strip() for k in args.mix.split(",") if k.strip()],
-        list(args.model or [None]),
-        images,
-        headers=headers,
-        pid=args.pid,
-    )
+    try:
+        report = run_load(
+            args.url,
+            args.requests,
+            args.concurrency,
+            args.duration,
+            [k.strip() for k in args.mix.split(",") if k.strip()],
+            list(args.model or [None]),
+            images,
+            headers=headers,
+            pid=args.pid,
+            warmup=args.warmup,
+        )
+    except httpx.HTTPError as exc:  # the setup uploads failed: no server there, or a wrong key
+        print(f"{args.url}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     summary = report.summary()
     print(
         f"{summary['requests']} requests in {summary['seconds']} s at concurrency {args.concurrency}: "
@@ -231,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             f"({summary['rss_change_pct']:+.2f}%)"
         )
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, **summary}, indent=2))
+        shown = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "api_key"}
+        args.json.write_text(json.dumps({"args": shown, **summary}, indent=2))
     return 1 if report.errors else 0
 
 
