@@ -35,7 +35,7 @@ CHECKS = [
     response_schema_conformance,
     negative_data_rejection,
 ]
-EXAMPLES = 25  # per operation and mode
+EXAMPLES = 40  # per operation and mode
 
 
 @pytest.fixture(scope="module")
