@@ -64,16 +64,18 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(weights_dir: Path, tmp
     with running_server(weights_dir, tmp_path / "data", UNETSEG_DEFAULT_MODEL="tiny") as (base, proc):
         with ThreadPoolExecutor(len(images)) as pool:
             futures = [pool.submit(send, i) for i in range(len(images))]
-            for event in started:
-                assert event.wait(30)
-            time.sleep(0.5)  # the server has read the headers: each request is in flight
-            proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 20
-            while accepts_connections(base):  # it stops accepting new connections...
-                assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
-                time.sleep(0.05)
-            assert proc.poll() is None  # ...while it waits for the requests it has
-            release.set()
+            try:
+                for event in started:
+                    assert event.wait(30)
+                time.sleep(1.0)  # the server has read the headers: each request is in flight
+                proc.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + 20
+                while accepts_connections(base):  # it stops accepting new connections...
+                    assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
+                    time.sleep(0.05)
+                assert proc.poll() is None  # ...while it waits for the requests it has
+            finally:
+                release.set()
             responses = [f.result(60) for f in futures]
         assert proc.wait(30) == 0
     for i, r in enumerate(responses):
