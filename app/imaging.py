@@ -8,7 +8,6 @@ The pixel limit is checked on the header's dimensions before any pixel is decode
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +19,9 @@ from model.data import pil_to_array
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 ORIENTATION = 0x0112  # EXIF tag
-# Pillow's own bomb guard stays on at twice its default as a second line behind max_pixels.
-Image.MAX_IMAGE_PIXELS = 2 * 89_478_485
+# The pixel limit is checked on the header's size before decoding, in ``decode``; Pillow's own guard
+# (a process-wide warning, then an error) would only second-guess UNETSEG_MAX_PIXELS.
+Image.MAX_IMAGE_PIXELS = None
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,6 @@ class Decoded:
     width: int  # the image's size as displayed (EXIF orientation applied), which masks have
     height: int
     format: str  # lower-case: png, jpeg, webp, bmp, tiff, gif
-    frames: int
 
     @property
     def reduced(self) -> bool:
@@ -53,32 +52,23 @@ def decode(data: bytes, max_pixels: int, reduce_to: int | None = None) -> Decode
     if not data:
         raise InvalidImage("the file is empty")
     try:
-        with warnings.catch_warnings():
-            # Pillow warns when it skips corrupt metadata (EXIF, TIFF tags) and goes on reading the pixels:
-            # that is the image's problem, not the service's, and decides nothing here.
-            warnings.simplefilter("ignore", UserWarning)
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=FORMATS)
-            width, height = im.size
-            if width < 1 or height < 1:
-                raise InvalidImage("the image has no pixels")
-            if width * height > max_pixels:
-                raise ImageTooLarge(
-                    f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-                )
-            fmt = "jpeg" if im.format == "MPO" else (im.format or "").lower()
-            frames = int(getattr(im, "n_frames", 1))
-            im.seek(0)
-            if reduce_to and fmt == "jpeg":
-                im.draft("RGB", (reduce_to, reduce_to))
-            im.load()
-            if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # these orientations swap the axes
-                width, height = height, width
-            rgb = pil_to_array(ImageOps.exif_transpose(im), 3)
+        im = Image.open(io.BytesIO(data), formats=FORMATS)
+        width, height = im.size
+        if width < 1 or height < 1:
+            raise InvalidImage("the image has no pixels")
+        if width * height > max_pixels:
+            raise ImageTooLarge(f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+        fmt = "jpeg" if im.format == "MPO" else (im.format or "").lower()
+        # Animations are segmented on their first frame; later frames are never decoded (nor counted,
+        # which for GIF would mean reading them all).
+        if reduce_to and fmt == "jpeg":
+            im.draft("RGB", (reduce_to, reduce_to))
+        im.load()
+        if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # these orientations swap the axes
+            width, height = height, width
+        rgb = pil_to_array(ImageOps.exif_transpose(im), 3)
     except (ImageTooLarge, InvalidImage):
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageTooLarge(f"the image declares more pixels than the limit of {max_pixels}") from None
     except UnidentifiedImageError:
         raise InvalidImage(
             "the file is not an image in a supported format (PNG, JPEG, WebP, BMP, TIFF or GIF)"
@@ -88,7 +78,7 @@ def decode(data: bytes, max_pixels: int, reduce_to: int | None = None) -> Decode
         raise InvalidImage(f"the image is truncated or corrupt ({type(exc).__name__}: {exc})") from None
     except MemoryError:
         raise ImageTooLarge("the image is too large to decode") from None
-    return Decoded(rgb=rgb, width=width, height=height, format=fmt, frames=frames)
+    return Decoded(rgb=rgb, width=width, height=height, format=fmt)
 
 
 def palette_bytes(colors: list[tuple[int, int, int]]) -> list[int]:

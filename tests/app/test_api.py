@@ -302,3 +302,12 @@ def test_openapi_documents_every_endpoint(client: TestClient) -> None:
         assert code in predict["responses"]
     assert client.get("/docs").status_code == 200 and client.get("/redoc").status_code == 200
     json.dumps(spec)
+
+
+def test_validation_errors_do_not_echo_the_input(client: TestClient) -> None:
+    secret = b"x" * 5000 + b"SECRET-BYTES"
+    # A file part without a filename is a plain form field: 'file' is then not a file, a 422.
+    r = client.post("/v1/predict", files={"file": (None, secret)})
+    assert r.status_code == 422
+    assert b"SECRET-BYTES" not in r.content
+    assert r.json()["detail"][0]["loc"] == ["body", "file"]
