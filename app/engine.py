@@ -131,15 +131,18 @@ class ModelEngine:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.channels_last = device.type == "cuda" or dtype != torch.float32
+        t0 = time.perf_counter()
         model = bundle.model.to(device).eval()
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.model: Callable[[torch.Tensor], torch.Tensor] = torch.compile(model) if compile else model
+        self.to_device_s = time.perf_counter() - t0
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
         self.stats = EngineStats()
         self.on_batch: Callable[[str, int], None] | None = None  # (model, batch size), for metrics
+        self.load_s = bundle.load_s + self.to_device_s  # read, moved to the device and (later) warmed up
 
     # --- public API ------------------------------------------------------------------------------
 
@@ -149,9 +152,11 @@ class ModelEngine:
     def warmup(self) -> None:
         """Run the shapes the service will see (batch 1 and a full batch) once, before reporting ready."""
         p = self.card.input
+        t0 = time.perf_counter()
         for n in sorted({1, self.max_batch}):
             x = torch.zeros(n, p.channels, p.size, p.size)
             self._forward(x)
+        self.load_s += time.perf_counter() - t0
 
     @property
     def queue_depth(self) -> int:

@@ -11,7 +11,6 @@ import concurrent.futures
 import logging
 import os
 import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -31,7 +30,6 @@ from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, RouteT
 from app.routes import health, models, predict, uploads, web
 from app.state import AppState
 from app.store import UploadStore
-from model.bundle import discover, load_bundle
 
 log = logging.getLogger("unetseg")
 
@@ -52,12 +50,7 @@ metrics are at `/metrics`."""
 def _start_engine(state: AppState) -> None:
     assert state.engine is not None
     try:
-        for name, m in state.engine.models.items():  # Engine.start's warm-up, timed per model
-            t0 = time.perf_counter()
-            if state.settings.warmup:
-                m.warmup()
-            state.load_s[name] = state.load_s.get(name, 0.0) + time.perf_counter() - t0
-        state.engine.start(warmup=False)
+        state.engine.start(warmup=state.settings.warmup)
     except Exception as exc:
         state.error = f"warm-up failed: {type(exc).__name__}: {exc}"
         log.exception("model warm-up failed")
@@ -73,15 +66,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
     device = resolve_device(s.device)
-    bundles = []
-    for folder in discover(s.weights_dir):
-        t0 = time.perf_counter()
-        bundles.append(load_bundle(folder))
-        state.load_s[bundles[-1].card.name] = time.perf_counter() - t0
-    if not bundles:
-        raise ValueError(f"{s.weights_dir} holds no model bundle (a folder with card.json and model.safetensors)")
-    state.engine = Engine(
-        bundles,
+    state.engine = Engine.from_folder(
+        s.weights_dir,
         device,
         precision=s.precision,
         max_batch=s.max_batch,

@@ -53,8 +53,9 @@ class _ScrapeCollector(Collector):
             "Seconds to read and validate the model's bundle and warm it up on its device.",
             labels=["model"],
         )
-        for name, seconds in self.state.load_s.items():
-            load.add_metric([name], seconds)
+        if engine is not None:
+            for name, m in engine.models.items():
+                load.add_metric([name], m.load_s)
         yield load
         store = self.state.store
         if store is not None:

@@ -19,4 +19,3 @@ class AppState:
     executor: concurrent.futures.ThreadPoolExecutor | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     error: str | None = None  # why start-up failed, for /readyz
-    load_s: dict[str, float] = field(default_factory=dict)  # per model: bundle read + warm-up, in seconds

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -112,6 +113,7 @@ class Bundle:
     card: Card
     model: UNet  # in eval mode, float32, on the CPU until the caller moves it
     path: Path | None = None
+    load_s: float = 0.0  # seconds it took to read and validate
 
 
 # --- validation helpers: each raises BundleError naming the field -------------------------------------
@@ -270,6 +272,7 @@ def read_card(folder: Path) -> Card:
 def load_bundle(folder: Path | str) -> Bundle:
     """Read and validate ``folder``'s card and weights; returns the model in eval mode on the CPU."""
     folder = Path(folder)
+    t0 = time.perf_counter()
     card = read_card(folder)
     wpath = folder / WEIGHTS_FILE
     if not wpath.is_file():
@@ -300,7 +303,7 @@ def load_bundle(folder: Path | str) -> Bundle:
         state[key] = tensor.to(want.dtype)
     model.load_state_dict(state)
     model.eval()
-    return Bundle(card=card, model=model, path=folder)
+    return Bundle(card=card, model=model, path=folder, load_s=time.perf_counter() - t0)
 
 
 def save_bundle(folder: Path | str, card: Card, model: torch.nn.Module, storage: DType = "float16") -> Path:
