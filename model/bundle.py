@@ -314,11 +314,7 @@ def save_bundle(folder: Path | str, card: Card, model: torch.nn.Module, storage:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    dtype = DTYPES[storage]
-    state = {
-        k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
-        for k, v in model.state_dict().items()
-    }
+    state = {k: _stored(k, v.detach().cpu(), DTYPES[storage]) for k, v in model.state_dict().items()}
     tmp_weights = folder / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp_weights), metadata={"format": FORMAT, "name": card.name, "version": card.version})
     tmp_weights.chmod(0o644)  # readable by the service's own user, like the card
@@ -327,6 +323,20 @@ def save_bundle(folder: Path | str, card: Card, model: torch.nn.Module, storage:
     tmp_weights.replace(folder / WEIGHTS_FILE)
     tmp_card.replace(folder / CARD_FILE)
     return folder
+
+
+def _stored(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor as stored: floats in ``dtype``, except normalisation statistics and anything the narrower
+    type cannot hold (float16 overflows at 65504, where a BatchNorm running variance can get to), which stay
+    float32. Integer buffers stay as they are."""
+    if not tensor.is_floating_point():
+        return tensor.contiguous()
+    if dtype != torch.float32 and (
+        key.endswith(("running_mean", "running_var"))
+        or (tensor.numel() > 0 and float(tensor.abs().max()) > torch.finfo(dtype).max)
+    ):
+        return tensor.to(torch.float32).contiguous()
+    return tensor.to(dtype).contiguous()
 
 
 def discover(weights_dir: Path | str) -> Iterator[Path]:

@@ -140,3 +140,19 @@ def test_discover_lists_bundle_folders_in_order(tmp_path: Path) -> None:
     (tmp_path / "notes").mkdir()
     assert [p.name for p in discover(tmp_path)] == ["a", "b"]
     assert list(discover(tmp_path / "absent")) == []
+
+
+def test_float16_storage_keeps_what_float16_cannot_hold(tmp_path: Path) -> None:
+    from model.bundle import save_bundle
+
+    _, card, model = write_tiny_bundle(tmp_path / "b")
+    bn = model.inc.body[1]
+    assert isinstance(bn, torch.nn.BatchNorm2d)
+    with torch.no_grad():
+        bn.running_var[0] = 1e6  # past float16's 65504
+    folder = save_bundle(tmp_path / "h", card, model, "float16")
+    stored = load_file(str(folder / WEIGHTS_FILE))
+    assert stored["inc.body.1.running_var"].dtype == torch.float32
+    assert stored["inc.body.0.weight"].dtype == torch.float16
+    loaded = load_bundle(folder)  # no overflow to inf, so it validates
+    assert float(loaded.model.inc.body[1].running_var[0]) == 1e6
