@@ -5,8 +5,14 @@
 #
 # Settings are UNETSEG_* environment variables (see the README); uploads are kept in the /data volume.
 ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
-FROM ${BASE_IMAGE}
 
+# The runtime dependencies as a requirements file, torch left out: the install below is cached on this
+# list, not on pyproject.toml, so editing the version, the dev tools or their settings reinstalls nothing.
+FROM ${BASE_IMAGE} AS requirements
+COPY pyproject.toml /tmp/
+RUN python -c "import re, tomllib; deps = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if re.split(r'[^A-Za-z0-9._-]', d, maxsplit=1)[0].lower() != 'torch'))" > /tmp/requirements.txt
+
+FROM ${BASE_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     UNETSEG_HOST=0.0.0.0 \
@@ -15,14 +21,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     UNETSEG_DATA_DIR=/data
 WORKDIR /app
 
-# The dependencies, from pyproject.toml alone, so that a code change does not reinstall them. torch comes
-# with the pytorch/pytorch base images; a base without it (python:3.11-slim) gets the CPU build.
-# Then a non-root user that owns nothing but the uploads folder and its home (caches of torch.compile).
+# The dependencies, before the code so that a code change does not reinstall them. torch comes with the
+# pytorch/pytorch base images; a base without it (python:3.11-slim) gets the CPU build. Then a non-root
+# user that owns nothing but the uploads folder and its home (caches of torch.compile).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-COPY pyproject.toml ./
+COPY --from=requirements /tmp/requirements.txt /tmp/
 RUN (python -c "import torch" 2>/dev/null \
      || pip install --no-cache-dir --disable-pip-version-check --index-url "${TORCH_INDEX_URL}" "torch>=2.4") \
-    && python -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if re.split(r'[^A-Za-z0-9._-]', d, maxsplit=1)[0].lower() != 'torch'))" > /tmp/requirements.txt \
     && pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt \
     && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin unetseg \

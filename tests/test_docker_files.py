@@ -134,7 +134,9 @@ def test_dependencies_are_installed_before_the_code_is_copied() -> None:
     def first(pattern: str) -> int:
         return next(i for i, step in enumerate(steps) if re.search(pattern, step))
 
-    assert first(r"^COPY pyproject\.toml") < first(r"^RUN .*pip install .*requirements") < first(r"^COPY app/")
+    install = first(r"^RUN .*pip install .*requirements")
+    assert first(r"^COPY pyproject\.toml") < install < first(r"^COPY app/")
+    assert not any(re.match(r"COPY (\.|app|model)\b", step) for step in steps[:install]), steps[:install]
     assert not any(re.search(r"pip install[^&]*\btorch\b", s) and "import torch" not in s for s in steps), steps
 
 
@@ -167,7 +169,8 @@ def test_dockerignore_keeps_out(path: str) -> None:
 
 def test_dockerignore_keeps_what_the_image_copies() -> None:
     patterns = [p for p in (ROOT / ".dockerignore").read_text().splitlines() if p and not p.startswith("#")]
-    sources = [args.split()[0].rstrip("/") for instruction, args in dockerfile_instructions() if instruction == "COPY"]
+    copies = [args.split() for instruction, args in dockerfile_instructions() if instruction == "COPY"]
+    sources = [words[0].rstrip("/") for words in copies if not words[0].startswith("--from=")]
     assert "app" in sources and "weights" in sources
     for source in sources:
         assert not any(fnmatch.fnmatch(source, p) for p in patterns), source
