@@ -13,6 +13,7 @@ from PIL import Image
 from model.bundle import Card, ClassInfo, Dataset, InputPolicy, save_bundle
 from model.unet import UNet, UNetConfig
 
+# Real datasets, read in place from the folder next to the repository; tests that need them skip without it.
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 

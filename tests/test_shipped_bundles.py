@@ -15,9 +15,9 @@ from app.engine import device_supports
 from model.bundle import load_bundle
 from model.data import MaskSpec, find_pairs, load_sample, split
 from model.evaluate import confusion, predict_logits, summarize
+from tests.helpers import DATASETS
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASETS = ROOT.parent / "shared" / "datasets"
 SHIPPED = {  # bundle -> (dataset folder, metric, floor)
     "polyp": ("kvasir_seg", "dice", 0.35),
     "nuclei": ("dsb2018_nuclei", "dice", 0.6),

@@ -14,7 +14,7 @@ from PIL import Image
 
 from model.bundle import discover
 from tests.e2e.server import ROOT, running_server
-from tests.helpers import image_bytes
+from tests.helpers import DATASETS, image_bytes
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -27,7 +27,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-DATASET_IMAGES = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "kvasir_seg" / "images"
+DATASET_IMAGES = DATASETS / "kvasir_seg" / "images"
 SCREENSHOT = ROOT / "artifacts" / "browser.png"
 API_KEY = "browser-test-key"
 
