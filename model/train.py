@@ -77,6 +77,7 @@ class TrainConfig:
     dataset_url: str = ""
     dataset_license: str = ""
     dataset_citation: str = ""
+    init: str = ""  # bundle folder whose weights start the run (fine-tuning); "" = random initialisation
 
     def architecture(self) -> UNetConfig:
         return UNetConfig(
@@ -236,6 +237,25 @@ def load_data(cfg: TrainConfig, device: torch.device) -> Data:
     )
 
 
+def init_weights(cfg: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model of the bundle ``cfg.init`` (checked to have the architecture ``cfg`` trains) and what the new
+    card records about it: the start of a fine-tuning run, with the training that bundle had itself."""
+    start = load_bundle(cfg.init)
+    card = start.card
+    if card.architecture != cfg.architecture():
+        raise ValueError(
+            f"--init {cfg.init}: its architecture {asdict(card.architecture)} differs from this run's "
+            f"{asdict(cfg.architecture())}"
+        )
+    record = {
+        "name": card.name,
+        "version": card.version,
+        "metrics": card.metrics,
+        **{k: card.training.get(k) for k in ("epochs", "train_seconds", "hardware", "init_from")},
+    }
+    return start.model, record
+
+
 def make_card(
     cfg: TrainConfig,
     data: Data,
@@ -318,6 +338,9 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
     elif ckpt_path.exists():
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it or choose another --run-dir")
     else:
+        if cfg.init:
+            start, state["init_from"] = init_weights(cfg)
+            model.load_state_dict(start.state_dict())
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
@@ -463,6 +486,7 @@ def export(cfg: TrainConfig, data: Data, state: dict[str, Any], device: torch.de
         "precision": str(pick_dtype(cfg.precision, device)).removeprefix("torch."),
         "hardware": hardware(device),
         "train_seconds": round(state["elapsed"], 1),
+        **({"init_from": state["init_from"]} if state.get("init_from") else {}),
         "bf16_mask_agreement": round(agree, 5),
         "val_report": {k: rep32[k] for k in ("per_image_dice", "classes")},
         "torch": torch.__version__,
@@ -540,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-url", default="")
     p.add_argument("--dataset-license", default="")
     p.add_argument("--dataset-citation", default="")
+    p.add_argument("--init", default="", help="start from this bundle's weights (same architecture): fine-tuning")
     return p
 
 
@@ -584,6 +609,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         dataset_url=args.dataset_url,
         dataset_license=args.dataset_license,
         dataset_citation=args.dataset_citation,
+        init=args.init,
     )
 
 

@@ -5,7 +5,9 @@
 #
 # DATASETS_DIR holds kvasir_seg/, dsb2018_nuclei/ and isbi2012_em_membrane/ (images/ + masks/ each).
 # Runs go to $RUNS (default runs/); an interrupted run continues where it stopped when started again.
-# Bundles are written to $RUNS/NAME/bundle: copy one into weights/ only when it beats the shipped one.
+# Polyp and membrane train in two stages: the second fine-tunes the first stage's bundle with a fresh
+# schedule (--init). Final bundles are written to $RUNS/RUN/bundle (RUN = the last stage of each model):
+# copy one into weights/ only when it beats the shipped one.
 # Extra flags for every run (e.g. --device cuda, --threads 1) come from $TRAIN_FLAGS.
 set -euo pipefail
 data=${1:?usage: scripts/train-shipped.sh DATASETS_DIR [NAME ...]}
@@ -15,41 +17,49 @@ names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(membrane nuclei polyp)
 python=${PYTHON:-python}
 
+# run RUN_ID NAME ARGS...: one stage, resumed when RUN_ID has a checkpoint, skipped once it has a bundle
+# (written when a run ends, or by `python -m model.train --run-dir RUNS/RUN_ID --export` for a stopped one).
 run() {
-  local name=$1
-  shift
+  local id=$1 name=$2
+  shift 2
+  [ -f "$runs/$id/bundle/card.json" ] && return 0
   local resume=()
-  [ -f "$runs/$name/last.pt" ] && resume=(--resume)
+  [ -f "$runs/$id/last.pt" ] && resume=(--resume)
   # shellcheck disable=SC2086
-  "$python" -m model.train --name "$name" --run-dir "$runs/$name" --out "$runs/$name/bundle" "${resume[@]}" \
+  "$python" -m model.train --name "$name" --run-dir "$runs/$id" --out "$runs/$id/bundle" "${resume[@]}" \
     "$@" ${TRAIN_FLAGS:-}
 }
 
 for name in "${names[@]}"; do
   case $name in
     polyp)
-      run polyp --data "$data/kvasir_seg" --mask binary:127 --classes background,polyp --colors 000000,ff3b30 \
-        --sizing resize --size 224 --base-width 24 --epochs 36 --batch-size 8 --lr 2e-3 --patience 0 \
-        --description "Colorectal polyps in colonoscopy frames (binary)." \
-        --dataset-name "Kvasir-SEG" --dataset-url "https://datasets.simula.no/kvasir-seg/" \
-        --dataset-license "research and educational use; commercial use needs the authors' permission (the images also ship in HyperKvasir under CC BY 4.0)" \
-        --dataset-citation "Jha et al., Kvasir-SEG: A Segmented Polyp Dataset, MMM 2020" ;;
+      common=(--data "$data/kvasir_seg" --mask binary:127 --classes background,polyp --colors 000000,ff3b30
+        --sizing resize --size 224 --base-width 24 --batch-size 8 --patience 0
+        --description "Colorectal polyps in colonoscopy frames (binary)."
+        --dataset-name "Kvasir-SEG" --dataset-url "https://datasets.simula.no/kvasir-seg/"
+        --dataset-license "research and educational use; commercial use needs the authors' permission (the images also ship in HyperKvasir under CC BY 4.0)"
+        --dataset-citation "Jha et al., Kvasir-SEG: A Segmented Polyp Dataset, MMM 2020")
+      # The shipped stage 1 was stopped after 27 of its 36 epochs and exported with --export.
+      run polyp polyp "${common[@]}" --epochs 36 --lr 2e-3
+      run polyp-2 polyp "${common[@]}" --epochs 56 --lr 1e-3 --warmup-epochs 1 --init "$runs/polyp/bundle" ;;
     nuclei)
-      run nuclei --data "$data/dsb2018_nuclei" --mask binary:127 --classes background,nucleus --colors 000000,34c759 \
+      run nuclei nuclei --data "$data/dsb2018_nuclei" --mask binary:127 --classes background,nucleus --colors 000000,34c759 \
         --sizing tile --size 256 --base-width 24 --epochs 24 --steps-per-epoch 50 --batch-size 8 --lr 2e-3 --patience 0 \
         --description "Cell nuclei in fluorescence, brightfield and H&E microscopy (binary, union of instances)." \
         --dataset-name "2018 Data Science Bowl stage1_train (BBBC038) with community mask fixes" \
         --dataset-url "https://bbbc.broadinstitute.org/BBBC038" --dataset-license "CC0 1.0" \
         --dataset-citation "Caicedo et al., Nucleus segmentation across imaging experiments: the 2018 Data Science Bowl, Nature Methods 16, 2019" ;;
     membrane)
-      run membrane --data "$data/isbi2012_em_membrane" --mask binary-inverted:127 --classes background,membrane \
-        --colors 000000,0a84ff --channels 1 --sizing tile --size 256 --base-width 24 --epochs 20 --steps-per-epoch 25 \
-        --batch-size 8 --lr 2e-3 --val-fraction 0.2 --patience 0 \
-        --description "Neuronal membranes in serial-section electron microscopy (class 1 = membrane)." \
-        --dataset-name "ISBI 2012 EM segmentation challenge, training slices" \
-        --dataset-url "https://imagej.net/events/isbi-2012-segmentation-challenge" \
-        --dataset-license "non-commercial use in segmentation software only" \
-        --dataset-citation "Cardona et al., An integrated micro- and macroarchitectural analysis of the Drosophila brain by computer-assisted serial section electron microscopy, PLoS Biology 2010" ;;
+      common=(--data "$data/isbi2012_em_membrane" --mask binary-inverted:127 --classes background,membrane
+        --colors 000000,0a84ff --channels 1 --sizing tile --size 256 --base-width 24 --steps-per-epoch 25
+        --batch-size 8 --val-fraction 0.2 --patience 0
+        --description "Neuronal membranes in serial-section electron microscopy (class 1 = membrane)."
+        --dataset-name "ISBI 2012 EM segmentation challenge, training slices"
+        --dataset-url "https://imagej.net/events/isbi-2012-segmentation-challenge"
+        --dataset-license "non-commercial use in segmentation software only"
+        --dataset-citation "Cardona et al., An integrated micro- and macroarchitectural analysis of the Drosophila brain by computer-assisted serial section electron microscopy, PLoS Biology 2010")
+      run membrane membrane "${common[@]}" --epochs 20 --lr 2e-3
+      run membrane-2 membrane "${common[@]}" --epochs 12 --lr 1e-3 --warmup-epochs 0.5 --init "$runs/membrane/bundle" ;;
     *) echo "unknown model $name" >&2; exit 2 ;;
   esac
 done

@@ -161,3 +161,28 @@ def test_a_paused_run_can_be_exported(tmp_path: Path) -> None:
     assert code == 0
     card = load_bundle(tmp_path / "run" / "bundle").card
     assert card.training["epochs"] == 2 and card.architecture.base_width == 4
+
+
+def test_a_run_can_start_from_a_bundle(tmp_path: Path) -> None:
+    data = write_disc_dataset(tmp_path / "data")
+    train(config(tmp_path, data, run="first", epochs=2), log=False)
+    first = tmp_path / "first" / "bundle"
+    # lr 0: the fine-tuning run changes nothing, so it must start from (and export) the first run's weights.
+    train(config(tmp_path, data, run="tuned", epochs=1, lr=0.0, init=str(first)), log=False)
+    a = load_file(str(first / "model.safetensors"))
+    b = load_file(str(tmp_path / "tuned" / "bundle" / "model.safetensors"))
+    for k in a:
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):  # BN stats move in train mode
+            assert torch.equal(a[k], b[k]), k
+    card = load_bundle(tmp_path / "tuned" / "bundle").card
+    before = load_bundle(first).card
+    assert card.training["init_from"]["name"] == "discs"
+    assert card.training["init_from"]["epochs"] == 2
+    assert card.training["init_from"]["metrics"] == before.metrics
+
+
+def test_init_refuses_another_architecture(tmp_path: Path) -> None:
+    data = write_disc_dataset(tmp_path / "data")
+    train(config(tmp_path, data, run="first", epochs=1), log=False)
+    with pytest.raises(ValueError, match="architecture"):
+        train(config(tmp_path, data, run="wide", base_width=8, init=str(tmp_path / "first" / "bundle")), log=False)
