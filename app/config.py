@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     )
     max_batch: int = Field(8, ge=1, description="Most inputs (images or tiles) per forward pass.")
     max_wait_ms: float = Field(5.0, ge=0, description="Longest a request waits for others to fill a batch.")
+    streams: int = Field(
+        1,
+        ge=1,
+        description="Forward passes each model runs at once (worker threads); on CPU they share the torch threads.",
+    )
     queue_size: int = Field(
         64, ge=1, description="Requests waiting per model before new ones get 503 with Retry-After."
     )

@@ -4,6 +4,9 @@ One ``ModelEngine`` per loaded model owns a worker thread and a bounded queue of
 request's inputs: one resized image, or all the tiles of a large image. The worker collects inputs from
 the queued jobs until it has ``max_batch`` of them or ``max_wait`` has passed since the first, groups them
 by input shape, runs one forward pass per group, and hands each job its own slice of the logits.
+With ``streams`` > 1, that many workers take jobs from the same queue and run their forward passes at
+once; on the CPU each gets its share of the torch threads (1 x 2 threads is slower per request than
+2 x 1 thread is under load, where one thread's team no longer waits for the other at every operation).
 
 - A full queue raises ``Overloaded`` (503 with Retry-After) at once: no request waits unboundedly.
 - A batch that fails is retried item by item, so a failing input fails only its own request.
@@ -123,7 +126,10 @@ class ModelEngine:
         max_wait_s: float = 0.005,
         queue_size: int = 64,
         compile: bool = False,
+        streams: int = 1,
     ) -> None:
+        if streams < 1:
+            raise ValueError("streams must be at least 1")
         self.card = bundle.card
         self.name = bundle.card.name
         self.device = device
@@ -139,15 +145,23 @@ class ModelEngine:
         self.to_device_s = time.perf_counter() - t0
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
+        self.streams = streams
+        # On the CPU the streams share the cores: each worker runs its forward passes on its share.
+        self.threads_per_stream = max(1, torch.get_num_threads() // streams) if device.type == "cpu" else 0
+        self._threads = [
+            threading.Thread(target=self._run_stream, name=f"engine-{self.name}-{i}", daemon=True)
+            for i in range(streams)
+        ]
         self.stats = EngineStats()
+        self._stats_lock = threading.Lock()
         self.on_batch: Callable[[str, int], None] | None = None  # (model, batch size), for metrics
         self.load_s = bundle.load_s + self.to_device_s  # read, moved to the device and (later) warmed up
 
     # --- public API ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     def warmup(self) -> None:
         """Run the shapes the service will see (batch 1 and a full batch) once, before reporting ready."""
@@ -179,9 +193,11 @@ class ModelEngine:
         if self._closed:
             return
         self._closed = True
-        if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join(timeout)
+        alive = [t for t in self._threads if t.is_alive()]
+        if alive:
+            self._queue.put(_STOP)  # passed on from worker to worker: each drains the queue, then exits
+        for t in alive:
+            t.join(timeout)
 
     # --- worker ----------------------------------------------------------------------------------
 
@@ -195,12 +211,18 @@ class ModelEngine:
             y = self.model(x)
         return y.float().cpu()
 
+    def _run_stream(self) -> None:
+        if self.streams > 1 and self.threads_per_stream:
+            torch.set_num_threads(self.threads_per_stream)
+        self._run()
+
     def _run(self) -> None:
         pending: deque[_Job] = deque()
         stopping = False
         while True:
             if not pending:
                 if stopping and self._queue.empty():
+                    self._queue.put(_STOP)  # for the next worker (it stays behind when the last one exits)
                     return
                 item = self._queue.get()
                 if item is _STOP:
@@ -249,8 +271,9 @@ class ModelEngine:
         try:
             out = self._forward(x)
             elapsed = time.perf_counter() - now
-            self.stats.batches += 1
-            self.stats.items += len(batch)
+            with self._stats_lock:
+                self.stats.batches += 1
+                self.stats.items += len(batch)
             if self.on_batch:
                 self.on_batch(self.name, len(batch))
             for job in {id(j): j for j, _ in batch}.values():
@@ -264,7 +287,8 @@ class ModelEngine:
                 try:
                     y = self._forward(job.inputs[i : i + 1])[0]
                 except Exception as exc:  # noqa: BLE001 - reported to that request only
-                    self.stats.failed += 1
+                    with self._stats_lock:
+                        self.stats.failed += 1
                     job.failed = True
                     with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
                         job.future.set_exception(InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}"))
@@ -306,6 +330,7 @@ class Engine:
         queue_size: int = 64,
         compile: bool = False,
         default_model: str | None = None,
+        streams: int = 1,
     ) -> None:
         self.device = device
         self.models: dict[str, ModelEngine] = {}
@@ -313,7 +338,9 @@ class Engine:
             if b.card.name in self.models:
                 raise ValueError(f"two bundles are named {b.card.name!r} ({b.path})")
             dtype = resolve_dtype(precision, b.card, device)
-            self.models[b.card.name] = ModelEngine(b, device, dtype, max_batch, max_wait_s, queue_size, compile)
+            self.models[b.card.name] = ModelEngine(
+                b, device, dtype, max_batch, max_wait_s, queue_size, compile, streams
+            )
         if not self.models:
             raise ValueError("no model bundles to serve")
         if default_model in self.models:

@@ -75,6 +75,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         queue_size=s.queue_size,
         compile=s.compile,
         default_model=s.default_model,
+        streams=s.streams,
     )
     metrics: Metrics = app.state.metrics
     for m in state.engine.models.values():

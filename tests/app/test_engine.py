@@ -186,3 +186,48 @@ def test_device_and_precision_resolution() -> None:
     assert resolve_dtype("float32", card, torch.device("cpu")) == torch.float32
     with pytest.raises(ValueError, match="not supported"):
         resolve_dtype("float16", card, torch.device("cpu"))
+
+
+class Pairs(torch.nn.Module):
+    """Passes only when two forward passes are inside it at the same time (while ``barrier`` is set)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.barrier: threading.Barrier | None = threading.Barrier(2)
+        self.threads: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.threads.append(torch.get_num_threads())
+        if self.barrier is not None:
+            self.barrier.wait(10)  # BrokenBarrierError (the job fails) unless another stream is here too
+        out: torch.Tensor = self.inner(x)
+        return out
+
+
+def test_streams_run_forward_passes_at_once_share_the_threads_and_drain(tmp_path: Path) -> None:
+    folder, _, _ = write_tiny_bundle(tmp_path / "tiny")
+    threads = torch.get_num_threads()
+    eng = ModelEngine(load_bundle(folder), torch.device("cpu"), torch.float32, max_batch=1, queue_size=16, streams=2)
+    pairs = Pairs(eng.model)  # type: ignore[arg-type]
+    eng.model = pairs
+    try:
+        eng.start()
+        both = [eng.submit(torch.randn(1, 3, 8, 8)) for _ in range(2)]
+        for f in both:
+            assert f.result(20)[0].shape == (1, 2, 8, 8)
+        assert pairs.threads == [max(1, threads // 2)] * 2
+        pairs.barrier = None
+        queued = [eng.submit(torch.randn(1, 3, 8, 8)) for _ in range(8)]
+        eng.stop(20)
+        assert all(f.result(0)[0].shape == (1, 2, 8, 8) for f in queued)
+        assert not any(t.is_alive() for t in eng._threads)
+        assert eng.stats.items == 10
+    finally:
+        torch.set_num_threads(threads)  # a worker's setting is also the default of threads started later
+
+
+def test_streams_must_be_positive(tmp_path: Path) -> None:
+    folder, _, _ = write_tiny_bundle(tmp_path / "tiny")
+    with pytest.raises(ValueError, match="streams"):
+        ModelEngine(load_bundle(folder), torch.device("cpu"), torch.float32, streams=0)
