@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import os
 from typing import Any
 
 import litserve as ls
@@ -26,13 +27,16 @@ from model.bundle import load_bundle
 
 
 class UNetAPI(ls.LitAPI):  # type: ignore[misc]
-    def __init__(self, bundle_dir: str, dtype: torch.dtype, **kwargs: Any) -> None:
+    def __init__(self, bundle_dir: str, dtype: torch.dtype, threads: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.bundle_dir = bundle_dir
         self.dtype = dtype
+        self.threads = threads
 
     def setup(self, device: str) -> None:
         self.dev = torch.device(device)
+        if self.threads and self.dev.type == "cpu":
+            torch.set_num_threads(self.threads)  # workers are processes: each takes its share of the cores
         bundle = load_bundle(self.bundle_dir)
         self.model = bundle.model.eval().to(self.dev, memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.policy = bundle.card.input
@@ -83,7 +87,9 @@ if __name__ == "__main__":
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--wait-s", type=float, default=0.005)
+    p.add_argument("--workers", type=int, default=1, help="workers_per_device (on CPU they share the threads)")
     a = p.parse_args()
-    api = UNetAPI(a.bundle, getattr(torch, a.dtype), max_batch_size=a.max_batch, batch_timeout=a.wait_s)
-    server = ls.LitServer(api, accelerator=a.device, devices=1, workers_per_device=1, timeout=120)
+    threads = max(1, (os.cpu_count() or 1) // a.workers) if a.workers > 1 else 0
+    api = UNetAPI(a.bundle, getattr(torch, a.dtype), threads, max_batch_size=a.max_batch, batch_timeout=a.wait_s)
+    server = ls.LitServer(api, accelerator=a.device, devices=1, workers_per_device=a.workers, timeout=120)
     server.run(port=a.port, generate_client_file=False, log_level="warning")
