@@ -9,6 +9,7 @@ service does — palette PNG with the class colors — at every zlib level, and 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from PIL import Image
 from app.imaging import encode_mask_png
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MASKS = ROOT.parent / "shared" / "datasets" / "kvasir_seg" / "masks"
+DATASETS = Path(os.environ.get("UNETSEG_DATASETS") or ROOT.parent / "shared" / "datasets")
+DEFAULT_MASKS = DATASETS / "kvasir_seg" / "masks"
 
 
 def load_masks(folder: Path, n: int) -> list[np.ndarray]:

@@ -45,7 +45,8 @@ from model.bundle import discover, load_bundle
 from model.train import hardware
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASET_IMAGES = ROOT.parent / "shared" / "datasets" / "kvasir_seg" / "images"
+DATASETS = Path(os.environ.get("UNETSEG_DATASETS") or ROOT.parent / "shared" / "datasets")
+DATASET_IMAGES = DATASETS / "kvasir_seg" / "images"
 
 
 def make_images(large_side: int) -> tuple[bytes, bytes, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,11 @@ from PIL import Image
 from model.bundle import Card, ClassInfo, Dataset, InputPolicy, save_bundle
 from model.unet import UNet, UNetConfig
 
-# Real datasets, read in place from the folder next to the repository; tests that need them skip without it.
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+# Real datasets, read in place (UNETSEG_DATASETS, default ../shared/datasets beside the checkout);
+# tests that need them skip without it.
+DATASETS = Path(
+    os.environ.get("UNETSEG_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "datasets"
+).resolve()
 
 
 def tiny_card(
