@@ -5,9 +5,9 @@
 #
 # DATASETS_DIR holds kvasir_seg/, dsb2018_nuclei/ and isbi2012_em_membrane/ (images/ + masks/ each).
 # Runs go to $RUNS (default runs/); an interrupted run continues where it stopped when started again.
-# Polyp and membrane train in two stages: the second fine-tunes the first stage's bundle with a fresh
-# schedule (--init). Final bundles are written to $RUNS/RUN/bundle (RUN = the last stage of each model):
-# copy one into weights/ only when it beats the shipped one.
+# Polyp trains in two stages: the second fine-tunes the first stage's bundle with a fresh schedule
+# (--init). Each model's bundle is written to $RUNS/RUN/bundle (RUN = its last stage: polyp-2, nuclei,
+# membrane): copy one into weights/ only when it beats the shipped one.
 # Extra flags for every run (e.g. --device cuda, --threads 1) come from $TRAIN_FLAGS.
 set -euo pipefail
 data=${1:?usage: scripts/train-shipped.sh DATASETS_DIR [NAME ...]}
@@ -58,8 +58,7 @@ for name in "${names[@]}"; do
         --dataset-url "https://imagej.net/events/isbi-2012-segmentation-challenge"
         --dataset-license "non-commercial use in segmentation software only"
         --dataset-citation "Cardona et al., An integrated micro- and macroarchitectural analysis of the Drosophila brain by computer-assisted serial section electron microscopy, PLoS Biology 2010")
-      run membrane membrane "${common[@]}" --epochs 20 --lr 2e-3
-      run membrane-2 membrane "${common[@]}" --epochs 12 --lr 1e-3 --warmup-epochs 0.5 --init "$runs/membrane/bundle" ;;
+      run membrane membrane "${common[@]}" --epochs 20 --lr 2e-3 ;;
     *) echo "unknown model $name" >&2; exit 2 ;;
   esac
 done
