@@ -5,8 +5,8 @@ request's inputs: one resized image, or all the tiles of a large image. The work
 the queued jobs until it has ``max_batch`` of them or ``max_wait`` has passed since the first, groups them
 by input shape, runs one forward pass per group, and hands each job its own slice of the logits.
 With ``streams`` > 1, that many workers take jobs from the same queue and run their forward passes at
-once; on the CPU each gets its share of the torch threads (1 x 2 threads is slower per request than
-2 x 1 thread is under load, where one thread's team no longer waits for the other at every operation).
+once; on the CPU each gets its share of the torch threads (under load, two single-thread forward passes
+get more done than one two-thread pass, whose threads wait for each other at every operation).
 
 - A full queue raises ``Overloaded`` (503 with Retry-After) at once: no request waits unboundedly.
 - A batch that fails is retried item by item, so a failing input fails only its own request.

@@ -251,7 +251,7 @@ def init_weights(cfg: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
         "name": card.name,
         "version": card.version,
         "metrics": card.metrics,
-        **{k: card.training.get(k) for k in ("epochs", "train_seconds", "hardware", "init_from")},
+        **{k: card.training[k] for k in ("epochs", "train_seconds", "hardware", "init_from") if k in card.training},
     }
     return start.model, record
 
