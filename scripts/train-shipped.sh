@@ -41,7 +41,9 @@ for name in "${names[@]}"; do
         --dataset-citation "Jha et al., Kvasir-SEG: A Segmented Polyp Dataset, MMM 2020")
       # The shipped stage 1 was stopped after 27 of its 36 epochs and exported with --export.
       run polyp polyp "${common[@]}" --epochs 36 --lr 2e-3
-      run polyp-2 polyp "${common[@]}" --epochs 56 --lr 1e-3 --warmup-epochs 1 --init "$runs/polyp/bundle" ;;
+      # The shipped stage 2 (version 1.1.0) was stopped after 49 of its 56 epochs and exported likewise.
+      run polyp-2 polyp "${common[@]}" --epochs 56 --lr 1e-3 --warmup-epochs 1 --init "$runs/polyp/bundle" \
+        --version 1.1.0 ;;
     nuclei)
       run nuclei nuclei --data "$data/dsb2018_nuclei" --mask binary:127 --classes background,nucleus --colors 000000,34c759 \
         --sizing tile --size 256 --base-width 24 --epochs 24 --steps-per-epoch 50 --batch-size 8 --lr 2e-3 --patience 0 \
