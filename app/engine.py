@@ -56,6 +56,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def stream_threads(streams: int) -> int:
+    """Torch threads for each of ``streams`` CPU workers: an equal share of torch's threads, at least one."""
+    return max(1, torch.get_num_threads() // streams)
+
+
 def device_supports(dtype: torch.dtype, device: torch.device) -> bool:
     if dtype == torch.float32:
         return True
@@ -146,8 +151,8 @@ class ModelEngine:
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._closed = False
         self.streams = streams
-        # On the CPU the streams share the cores: each worker runs its forward passes on its share.
-        self.threads_per_stream = max(1, torch.get_num_threads() // streams) if device.type == "cpu" else 0
+        # On the CPU several streams share the cores: each worker runs its forward passes on its share.
+        self.threads_per_stream = stream_threads(streams) if device.type == "cpu" and streams > 1 else 0
         self._threads = [
             threading.Thread(target=self._run_stream, name=f"engine-{self.name}-{i}", daemon=True)
             for i in range(streams)
@@ -212,7 +217,7 @@ class ModelEngine:
         return y.float().cpu()
 
     def _run_stream(self) -> None:
-        if self.streams > 1 and self.threads_per_stream:
+        if self.threads_per_stream:
             torch.set_num_threads(self.threads_per_stream)
         self._run()
 

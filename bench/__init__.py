@@ -1,0 +1,8 @@
+"""Benchmarks: measured numbers for the README, never asserted in tests."""
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# The datasets (kvasir_seg/, ...) give the benchmarks real images: UNETSEG_DATASETS, else beside the checkout.
+DATASETS = Path(os.environ.get("UNETSEG_DATASETS") or ROOT.parent / "shared" / "datasets")

@@ -9,7 +9,6 @@ service does — palette PNG with the class colors — at every zlib level, and 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -17,9 +16,8 @@ import numpy as np
 from PIL import Image
 
 from app.imaging import encode_mask_png
+from bench import DATASETS
 
-ROOT = Path(__file__).resolve().parents[1]
-DATASETS = Path(os.environ.get("UNETSEG_DATASETS") or ROOT.parent / "shared" / "datasets")
 DEFAULT_MASKS = DATASETS / "kvasir_seg" / "masks"
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import os
 from typing import Any
 
 import litserve as ls
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from app.engine import stream_threads
 from model.bundle import load_bundle
 
 
@@ -89,7 +89,7 @@ if __name__ == "__main__":
     p.add_argument("--wait-s", type=float, default=0.005)
     p.add_argument("--workers", type=int, default=1, help="workers_per_device (on CPU they share the threads)")
     a = p.parse_args()
-    threads = max(1, (os.cpu_count() or 1) // a.workers) if a.workers > 1 else 0
+    threads = stream_threads(a.workers) if a.workers > 1 else 0
     api = UNetAPI(a.bundle, getattr(torch, a.dtype), threads, max_batch_size=a.max_batch, batch_timeout=a.wait_s)
     server = ls.LitServer(api, accelerator=a.device, devices=1, workers_per_device=a.workers, timeout=120)
     server.run(port=a.port, generate_client_file=False, log_level="warning")

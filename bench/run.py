@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,13 +39,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.engine import resolve_device, resolve_dtype
+from app.engine import resolve_device, resolve_dtype, stream_threads
+from bench import DATASETS, ROOT
 from bench.loadgen import LoadResult, json_request, multipart_request, run_load
 from model.bundle import discover, load_bundle
 from model.train import hardware
 
-ROOT = Path(__file__).resolve().parents[1]
-DATASETS = Path(os.environ.get("UNETSEG_DATASETS") or ROOT.parent / "shared" / "datasets")
 DATASET_IMAGES = DATASETS / "kvasir_seg" / "images"
 
 
@@ -157,27 +156,41 @@ def _forward_rate(model: Any, x: torch.Tensor, device: torch.device, dtype: torc
     return n / (time.perf_counter() - start)
 
 
+def bare_model(bundle_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Callable[[int], torch.Tensor]]:
+    """The bundle's model on ``device`` as the engine runs it (channels-last unless float32), and a maker of
+    random input batches in the same layout."""
+    bundle = load_bundle(bundle_dir)
+    model = bundle.model.to(device).eval()
+    p = bundle.card.input
+    layout = torch.channels_last if device.type == "cuda" or dtype != torch.float32 else torch.contiguous_format
+    model = model.to(memory_format=layout)  # type: ignore[call-overload]
+
+    def inputs(batch: int) -> torch.Tensor:
+        return torch.randn(batch, p.channels, p.size, p.size, device=device).contiguous(memory_format=layout)
+
+    return model, inputs
+
+
 def raw_rate(
-    bundle_dir: Path, device: torch.device, dtype: torch.dtype, batch: int, streams: int, seconds: float
+    model: Any,
+    inputs: Callable[[int], torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    batch: int,
+    streams: int,
+    seconds: float,
 ) -> float:
     """Images/s of the bare forward pass (inputs already on the device) at ``batch``, with ``streams``
     threads each running forward passes (on the CPU each with its share of the torch threads), as the
     service's engine does with UNETSEG_STREAMS."""
-    bundle = load_bundle(bundle_dir)
-    model = bundle.model.to(device).eval()
-    channels_last = device.type == "cuda" or dtype != torch.float32
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    p = bundle.card.input
     threads = torch.get_num_threads()
+    share = stream_threads(streams) if streams > 1 and device.type == "cpu" else 0
+    x = inputs(batch)
     rates: list[float] = []
 
     def stream() -> None:
-        if streams > 1 and device.type == "cpu":
-            torch.set_num_threads(max(1, threads // streams))
-        x = torch.randn(batch, p.channels, p.size, p.size, device=device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if share:
+            torch.set_num_threads(share)
         rates.append(_forward_rate(model, x, device, dtype, seconds))
 
     workers = [threading.Thread(target=stream) for _ in range(streams)]
@@ -190,12 +203,17 @@ def raw_rate(
 
 
 def raw_forward(
-    bundle_dir: Path, device: torch.device, dtype: torch.dtype, seconds: float, streams: int
+    model: Any,
+    inputs: Callable[[int], torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    seconds: float,
+    streams: int,
 ) -> dict[str, Any]:
     """The raw forward at batch sizes 1..16, with one stream and (if asked) the service's streams."""
     rows: dict[str, dict[int, float]] = {}
     for s in sorted({1, streams}):
-        rows[str(s)] = {bs: raw_rate(bundle_dir, device, dtype, bs, s, seconds / 5) for bs in (1, 2, 4, 8, 16)}
+        rows[str(s)] = {bs: raw_rate(model, inputs, device, dtype, bs, s, seconds / 5) for bs in (1, 2, 4, 8, 16)}
         print(f"  {s} stream(s): {rows[str(s)]}", flush=True)
     best_s, best_bs = max(((s, bs) for s in rows for bs in rows[s]), key=lambda k: rows[k[0]][k[1]])
     return {
@@ -276,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         "streams": a.streams,
     }
     print(f"raw forward ({card.name}, {device}, {dname}):", flush=True)
-    report["raw"] = raw_forward(bundle_dir, device, dtype, a.seconds, a.streams)
+    model, inputs = bare_model(bundle_dir, device, dtype)
+    report["raw"] = raw_forward(model, inputs, device, dtype, a.seconds, a.streams)
     flops = flops_per_image(bundle_dir)
     report["raw"]["gflop_per_image"] = round(flops / 1e9, 3)
     report["raw"]["achieved_tflops"] = round(flops * report["raw"]["best_images_per_s"] / 1e12, 4)
@@ -374,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     # The machine's speed can drift during a run: the ceiling is the best raw setting measured again now,
     # averaged with the first measurement.
     raw = report["raw"]
-    again = raw_rate(bundle_dir, device, dtype, raw["best_batch"], raw["best_streams"], a.seconds / 2)
+    again = raw_rate(model, inputs, device, dtype, raw["best_batch"], raw["best_streams"], a.seconds / 2)
     raw["best_images_per_s_after"] = again
     raw["ceiling_images_per_s"] = round((raw["best_images_per_s"] + again) / 2, 2)
     print(f"  raw forward again at the best setting: {again} img/s", flush=True)
