@@ -24,6 +24,10 @@ class AugmentConfig:
     brightness: float = 0.2  # +- fraction
     contrast: float = 0.2  # +- fraction
     hue_deg: float = 10.0  # +- degrees, RGB only
+    # Elastic deformation as in the U-Net paper: random displacements on a coarse grid of control points
+    # (standard deviation in pixels of the crop), interpolated bicubically to every pixel. 0 = off.
+    elastic_px: float = 0.0
+    elastic_grid: int = 3
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -78,7 +82,7 @@ def augment(
             ys.append(torch.rot90(y, r, (-2, -1)))
         x = torch.stack(xs)[k, torch.arange(b, device=dev)]
         y = torch.stack(ys)[k, torch.arange(b, device=dev)]
-    if cfg.scale != (1.0, 1.0) or cfg.rotate_deg > 0:
+    if cfg.scale != (1.0, 1.0) or cfg.rotate_deg > 0 or cfg.elastic_px > 0:
         s = _uniform(b, cfg.scale[0], cfg.scale[1], gen, dev)
         a = _uniform(b, -cfg.rotate_deg, cfg.rotate_deg, gen, dev) * (math.pi / 180)
         cos, sin = torch.cos(a) / s, torch.sin(a) / s
@@ -86,6 +90,8 @@ def augment(
             [torch.stack([cos, -sin, torch.zeros_like(s)], 1), torch.stack([sin, cos, torch.zeros_like(s)], 1)], 1
         )  # (B, 2, 3): output -> input sampling; s > 1 zooms in
         grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
+        if cfg.elastic_px > 0:
+            grid = grid + elastic_field(b, h, w, cfg.elastic_px, cfg.elastic_grid, gen, dev)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         yf = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="reflection", align_corners=False)
         y = yf[:, 0].round().long()
@@ -98,6 +104,20 @@ def augment(
     if cfg.hue_deg > 0 and c == 3:
         x = rotate_hue(x, _uniform(b, -cfg.hue_deg, cfg.hue_deg, gen, dev) * (math.pi / 180))
     return x.clamp_(0, 1), y
+
+
+def elastic_field(
+    b: int, h: int, w: int, std_px: float, points: int, gen: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """Smooth random displacements (B, H, W, 2) in grid_sample's normalised coordinates.
+
+    Each of ``points`` x ``points`` control points moves by N(0, std_px) pixels along x and y; bicubic
+    interpolation spreads the moves over the image, so neighbouring pixels move together.
+    """
+    d = torch.randn(b, 2, points, points, generator=gen, device=device) * std_px
+    d = F.interpolate(d, size=(h, w), mode="bicubic", align_corners=True)
+    scale = torch.tensor([2.0 / w, 2.0 / h], device=device)  # pixels -> normalised units (x, y)
+    return d.permute(0, 2, 3, 1) * scale
 
 
 # RGB <-> YIQ: hue is the angle in the IQ plane, so a hue shift is a rotation there.

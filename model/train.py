@@ -66,7 +66,8 @@ class TrainConfig:
     warmup_epochs: float = 2.0
     patience: int = 25  # epochs without a better validation Dice before stopping; 0 = never
     val_fraction: float = 0.1
-    seed: int = 0
+    seed: int = 0  # weights, batch order and augmentation
+    split_seed: int | None = None  # train/validation split; None = seed
     device: str = "auto"
     precision: str = "auto"  # auto | float32 | bfloat16
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -78,6 +79,10 @@ class TrainConfig:
     dataset_license: str = ""
     dataset_citation: str = ""
     init: str = ""  # bundle folder whose weights start the run (fine-tuning); "" = random initialisation
+
+    @property
+    def split_seed_or_seed(self) -> int:
+        return self.seed if self.split_seed is None else self.split_seed
 
     def architecture(self) -> UNetConfig:
         return UNetConfig(
@@ -201,7 +206,7 @@ class Data:
 def load_data(cfg: TrainConfig, device: torch.device) -> Data:
     spec = MaskSpec.parse(cfg.mask)
     pairs = find_pairs(cfg.data_dir)
-    train_idx, val_idx = split(len(pairs), cfg.val_fraction, cfg.seed)
+    train_idx, val_idx = split(len(pairs), cfg.val_fraction, cfg.split_seed_or_seed)
 
     def load(i: int) -> Sample:
         return load_sample(*pairs[i], spec, cfg.channels)
@@ -476,6 +481,7 @@ def export(cfg: TrainConfig, data: Data, state: dict[str, Any], device: torch.de
         "data_dir": Path(cfg.data_dir).name,
         "mask": str(MaskSpec.parse(cfg.mask)),
         "seed": cfg.seed,
+        "split_seed": cfg.split_seed_or_seed,
         "val_fraction": cfg.val_fraction,
         "train_images": len(data.train_x),
         "val_images": len(data.val),
@@ -483,6 +489,7 @@ def export(cfg: TrainConfig, data: Data, state: dict[str, Any], device: torch.de
         "best_epoch": state["best_epoch"],
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
+        "augment": asdict(cfg.augment),
         "precision": str(pick_dtype(cfg.precision, device)).removeprefix("torch."),
         "hardware": hardware(device),
         "train_seconds": round(state["elapsed"], 1),
@@ -554,7 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=float, default=2.0)
     p.add_argument("--patience", type=int, default=25)
     p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="weights, batch order and augmentation")
+    p.add_argument("--split-seed", type=int, default=None, help="train/validation split (default: --seed)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
@@ -564,6 +572,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-url", default="")
     p.add_argument("--dataset-license", default="")
     p.add_argument("--dataset-citation", default="")
+    p.add_argument(
+        "--elastic",
+        type=float,
+        default=0.0,
+        metavar="PX",
+        help="elastic deformation: control-point displacement std in pixels (0 = off)",
+    )
     p.add_argument("--init", default="", help="start from this bundle's weights (same architecture): fine-tuning")
     return p
 
@@ -601,6 +616,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         patience=args.patience,
         val_fraction=args.val_fraction,
         seed=args.seed,
+        split_seed=args.split_seed,
         device=args.device,
         precision=args.precision,
         version=args.version,
@@ -610,6 +626,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         dataset_license=args.dataset_license,
         dataset_citation=args.dataset_citation,
         init=args.init,
+        augment=AugmentConfig(elastic_px=args.elastic),
     )
 
 

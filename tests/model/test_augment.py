@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.augment import IGNORE, AugmentConfig, augment, random_crops, rotate_hue
+from model.augment import IGNORE, AugmentConfig, augment, elastic_field, random_crops, rotate_hue
 
 
 def _blobs(b: int = 4, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,3 +51,25 @@ def test_crops_pad_small_images_with_ignore() -> None:
     assert x.shape == (2, 3, 32, 32) and y.shape == (2, 32, 32)
     assert (y[0] == IGNORE).sum() == 32 * 22
     assert (y[1] == 1).all()
+
+
+def test_elastic_field_moves_by_the_asked_pixels_and_smoothly() -> None:
+    d = elastic_field(64, 128, 96, 10.0, 3, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert d.shape == (64, 128, 96, 2)
+    px = d * torch.tensor([96 / 2, 128 / 2])  # back to pixels
+    corners = px[:, [0, 0, -1, -1], [0, -1, 0, -1]]  # control points sit at the corners
+    assert 8.5 < float(corners.std()) < 11.5
+    step = (px[:, :, 1:] - px[:, :, :-1]).abs().max()
+    assert float(step) < 2.0  # neighbours move together: no tearing
+
+
+def test_elastic_deformation_moves_image_and_mask_together() -> None:
+    x, y = _blobs()
+    cfg = AugmentConfig(
+        flip=False, rot90=False, scale=(1.0, 1.0), rotate_deg=0, brightness=0, contrast=0, hue_deg=0, elastic_px=4.0
+    )
+    xa, ya = augment(x, y, cfg, torch.Generator().manual_seed(3))
+    assert not torch.equal(ya, y)
+    assert ((xa[:, 0] > 0.5).long() == ya).float().mean() > 0.95
+    off = AugmentConfig(flip=False, rot90=False, scale=(1.0, 1.0), rotate_deg=0, brightness=0, contrast=0, hue_deg=0)
+    assert torch.equal(augment(x, y, off, torch.Generator().manual_seed(3))[1], y)  # identity when all off
