@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = MaskSpec.parse(str(spec_text))
     pairs = find_pairs(args.data_dir)
     if args.split != "all":
-        seed = int(card.training.get("seed", 0))
+        seed = int(card.training.get("split_seed", card.training.get("seed", 0)))
         frac = float(card.training.get("val_fraction", 0.1))
         train_idx, val_idx = split(len(pairs), frac, seed)
         pairs = [pairs[i] for i in (val_idx if args.split == "val" else train_idx)]

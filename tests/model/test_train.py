@@ -8,8 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from model.bundle import load_bundle
-from model.train import TrainConfig, dice_ce_loss, lr_factor, main, train
+from model.train import TrainConfig, dice_ce_loss, load_data, lr_factor, main, train
 from tests.model.synthetic import write_disc_dataset
+
+CPU = torch.device("cpu")
 
 
 def config(tmp_path: Path, data: Path, run: str = "run", **kw: object) -> TrainConfig:
@@ -129,11 +131,19 @@ def test_tile_training_and_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture
             "--device",
             "cpu",
             "--no-skip",
+            "--elastic",
+            "3",
+            "--seed",
+            "4",
+            "--split-seed",
+            "2",
         ]
     )
     assert code == 0
     card = load_bundle(tmp_path / "r" / "bundle").card
     assert card.input.sizing == "tile" and card.architecture.skip is False
+    assert card.training["augment"]["elastic_px"] == 3.0
+    assert (card.training["seed"], card.training["split_seed"]) == (4, 2)
     assert card.classes[1].color == (0, 255, 0)
     assert '"stop": "epochs"' in capsys.readouterr().out
 
@@ -186,3 +196,30 @@ def test_init_refuses_another_architecture(tmp_path: Path) -> None:
     train(config(tmp_path, data, run="first", epochs=1), log=False)
     with pytest.raises(ValueError, match="architecture"):
         train(config(tmp_path, data, run="wide", base_width=8, init=str(tmp_path / "first" / "bundle")), log=False)
+
+
+def test_split_seed_holds_the_split_while_the_seed_changes(tmp_path: Path) -> None:
+    data = write_disc_dataset(tmp_path / "data")
+    stems = {
+        (seed, split_seed): [
+            s.stem for s in load_data(config(tmp_path, data, seed=seed, split_seed=split_seed), CPU).val
+        ]
+        for seed, split_seed in ((0, None), (1, None), (1, 0))
+    }
+    assert stems[(0, None)] != stems[(1, None)]  # by default the seed also draws the split
+    assert stems[(1, 0)] == stems[(0, None)]
+    cfg = config(tmp_path, data, seed=1, split_seed=0)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_evaluate_split_val_uses_the_cards_split_seed(tmp_path: Path) -> None:
+    from model.evaluate import main as evaluate
+
+    data = write_disc_dataset(tmp_path / "data")
+    cfg = config(tmp_path, data, epochs=1, seed=1, split_seed=0)
+    train(cfg, log=False)
+    out = tmp_path / "report.json"
+    assert evaluate([str(data), "--model", cfg.out, "--split", "val", "--json", str(out)]) == 0
+    scored = {w["stem"] for w in json.loads(out.read_text())["plain"]["worst_images"]}
+    assert scored == {s.stem for s in load_data(cfg, CPU).val}
+    assert scored != {s.stem for s in load_data(config(tmp_path, data, seed=1), CPU).val}
