@@ -39,13 +39,16 @@ def plot_curves(
     def point(x: float, v: float) -> tuple[float, float]:
         return (left + (right - left) * x / max(xmax, 1.0), bottom - (bottom - top) * v / ymax)
 
-    for n, (key, color, label) in enumerate(series):
+    n = 0  # legend slot; a series with an empty label is drawn thin and left out of the legend
+    for key, color, label in series:
         pts = [point(x, float(r[key])) for x, r in zip(xs, rows, strict=True) if key in r]
         if len(pts) > 1:
-            draw.line(pts, fill=color, width=2)
-        for p in pts[-1:]:
-            draw.ellipse((p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3), fill=color)
-        draw.text((left + 10 + 130 * n, bottom + 12), label, fill=color)
+            draw.line(pts, fill=color, width=2 if label else 1)
+        if label:
+            for p in pts[-1:]:
+                draw.ellipse((p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3), fill=color)
+            draw.text((left + 10 + 130 * n, bottom + 12), label, fill=color)
+            n += 1
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     img.save(tmp)
