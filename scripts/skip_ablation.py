@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +131,10 @@ def main() -> int:
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "ablation")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "skip-ablation.png")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     results = {s: run_pair(a, s) for s in seeds}
