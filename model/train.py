@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from model.augment import IGNORE, AugmentConfig, augment, random_crops
 from model.bundle import Card, ClassInfo, Dataset, DType, InputPolicy, load_bundle, save_bundle
@@ -64,6 +65,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 2.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights (and BN statistics); 0 = off
     patience: int = 25  # epochs without a better validation Dice before stopping; 0 = never
     val_fraction: float = 0.1
     seed: int = 0  # weights, batch order and augmentation
@@ -310,6 +312,11 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
     if device.type == "cuda" or dtype == torch.bfloat16:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # With --ema, validation, the best checkpoint and the exported bundle use the averaged weights.
+    ema = None
+    if cfg.ema:
+        ema_fn = get_ema_multi_avg_fn(cfg.ema)  # type: ignore[no-untyped-call]
+        ema = AveragedModel(model, multi_avg_fn=ema_fn, use_buffers=True)
     n_train = len(data.train_x)
     steps = cfg.steps_per_epoch or max(1, n_train // cfg.batch_size)
     total_steps = steps * cfg.epochs
@@ -333,6 +340,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
         if saved.architecture() != cfg.architecture() or saved.data_dir != cfg.data_dir:
             raise ValueError(f"{ckpt_path} was written for another architecture or dataset; use a new --run-dir")
         model.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         gen_order.set_state(ckpt["gen_order"].cpu())
@@ -346,6 +355,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
         if cfg.init:
             start, state["init_from"] = init_weights(cfg)
             model.load_state_dict(start.state_dict())
+            if ema is not None:
+                ema.module.load_state_dict(start.state_dict())
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
@@ -395,11 +406,14 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
                 state["grad_norms"].append(float(g.norm()) if g is not None else 0.0)
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             state["step"] += 1
             loss_sum += float(loss.detach())
             if bar:
                 bar.update(s + 1, loss=loss_sum / (s + 1))
-        val = evaluate_model(model, data.val, make_card(cfg, data, {}, {}).input, names, device, dtype)
+        scored = model if ema is None else ema.module
+        val = evaluate_model(scored, data.val, make_card(cfg, data, {}, {}).input, names, device, dtype)
         state["epoch"] += 1
         state["elapsed"] += time.monotonic() - t0
         row = {
@@ -417,7 +431,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
         if improved:
             state.update(best=val["dice"], best_epoch=state["epoch"], bad_epochs=0)
             # The best weights as a provisional bundle; the final card is written when training ends.
-            save_bundle(run_dir / "best", make_card(cfg, data, {}, {"provisional": True}), model, "float32")
+            save_bundle(run_dir / "best", make_card(cfg, data, {}, {"provisional": True}), scored, "float32")
         else:
             state["bad_epochs"] += 1
         if log:
@@ -430,6 +444,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
         _atomic_save(
             {
                 "model": model.state_dict(),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "gen_order": gen_order.get_state(),
@@ -489,6 +504,7 @@ def export(cfg: TrainConfig, data: Data, state: dict[str, Any], device: torch.de
         "best_epoch": state["best_epoch"],
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
+        **({"ema": cfg.ema} if cfg.ema else {}),
         "augment": asdict(cfg.augment),
         "precision": str(pick_dtype(cfg.precision, device)).removeprefix("torch."),
         "hardware": hardware(device),
@@ -559,6 +575,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--warmup-epochs", type=float, default=2.0)
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        metavar="DECAY",
+        help="validate and export an exponential moving average of the weights, e.g. 0.99 (0 = off)",
+    )
     p.add_argument("--patience", type=int, default=25)
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0, help="weights, batch order and augmentation")
@@ -613,6 +636,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         lr=args.lr,
         weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs,
+        ema=args.ema,
         patience=args.patience,
         val_fraction=args.val_fraction,
         seed=args.seed,

@@ -67,13 +67,14 @@ def test_a_short_run_learns_the_discs(tmp_path: Path) -> None:
     assert load_bundle(tmp_path / "run" / "bundle").card.metrics["val_dice"] > 0.6
 
 
-def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ema", [0.0, 0.8])
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path: Path, ema: float) -> None:
     data = write_disc_dataset(tmp_path / "data")
-    train(config(tmp_path, data, run="straight"), log=False)
-    paused = train(config(tmp_path, data, run="split"), max_epochs_this_run=2, log=False)
+    train(config(tmp_path, data, run="straight", ema=ema), log=False)
+    paused = train(config(tmp_path, data, run="split", ema=ema), max_epochs_this_run=2, log=False)
     assert paused["stop"] == "paused" and paused["epoch"] == 2
     assert not (tmp_path / "split" / "bundle").exists()
-    train(config(tmp_path, data, run="split"), resume=True, log=False)
+    train(config(tmp_path, data, run="split", ema=ema), resume=True, log=False)
     a = load_file(str(tmp_path / "straight" / "bundle" / "model.safetensors"))
     b = load_file(str(tmp_path / "split" / "bundle" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -223,3 +224,19 @@ def test_evaluate_split_val_uses_the_cards_split_seed(tmp_path: Path) -> None:
     scored = {w["stem"] for w in json.loads(out.read_text())["plain"]["worst_images"]}
     assert scored == {s.stem for s in load_data(cfg, CPU).val}
     assert scored != {s.stem for s in load_data(config(tmp_path, data, seed=1), CPU).val}
+
+
+def test_ema_exports_the_averaged_weights(tmp_path: Path) -> None:
+    data = write_disc_dataset(tmp_path / "data")
+    train(config(tmp_path, data, epochs=1, ema=0.5), log=False)
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    exported = load_file(str(tmp_path / "run" / "bundle" / "model.safetensors"))
+    averaged = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    assert exported.keys() <= averaged.keys()
+    differs = 0
+    for k, v in exported.items():
+        if v.is_floating_point():
+            assert torch.allclose(v.float(), averaged[k].float(), atol=1e-2, rtol=1e-2), k
+            differs += not torch.allclose(v.float(), ckpt["model"][k].float(), atol=1e-3)
+    assert differs > 0  # the average is not the last step's weights
+    assert load_bundle(tmp_path / "run" / "bundle").card.training["ema"] == 0.5
