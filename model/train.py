@@ -596,6 +596,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-license", default="")
     p.add_argument("--dataset-citation", default="")
     p.add_argument(
+        "--scale",
+        default="0.75,1.25",
+        metavar="LO,HI",
+        help="random zoom range (1,1 = off: keeps structures at their native size in pixels)",
+    )
+    p.add_argument("--rotate", type=float, default=15.0, metavar="DEG", help="random rotation within +-DEG")
+    p.add_argument(
         "--elastic",
         type=float,
         default=0.0,
@@ -604,6 +611,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--init", default="", help="start from this bundle's weights (same architecture): fine-tuning")
     return p
+
+
+def parse_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--scale takes LO,HI (e.g. 0.75,1.25), not {text!r}") from None
+    if not 0 < lo <= hi:
+        raise SystemExit(f"--scale needs 0 < LO <= HI, got {text!r}")
+    return lo, hi
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -650,7 +667,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         dataset_license=args.dataset_license,
         dataset_citation=args.dataset_citation,
         init=args.init,
-        augment=AugmentConfig(elastic_px=args.elastic),
+        augment=AugmentConfig(scale=parse_range(args.scale), rotate_deg=args.rotate, elastic_px=args.elastic),
     )
 
 

@@ -134,6 +134,10 @@ def test_tile_training_and_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture
             "--no-skip",
             "--elastic",
             "3",
+            "--scale",
+            "0.9,1.1",
+            "--rotate",
+            "0",
             "--seed",
             "4",
             "--split-seed",
@@ -143,7 +147,8 @@ def test_tile_training_and_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 0
     card = load_bundle(tmp_path / "r" / "bundle").card
     assert card.input.sizing == "tile" and card.architecture.skip is False
-    assert card.training["augment"]["elastic_px"] == 3.0
+    aug = card.training["augment"]
+    assert (aug["elastic_px"], aug["scale"], aug["rotate_deg"]) == (3.0, [0.9, 1.1], 0.0)
     assert (card.training["seed"], card.training["split_seed"]) == (4, 2)
     assert card.classes[1].color == (0, 255, 0)
     assert '"stop": "epochs"' in capsys.readouterr().out
@@ -240,3 +245,9 @@ def test_ema_exports_the_averaged_weights(tmp_path: Path) -> None:
             differs += not torch.allclose(v.float(), ckpt["model"][k].float(), atol=1e-3)
     assert differs > 0  # the average is not the last step's weights
     assert load_bundle(tmp_path / "run" / "bundle").card.training["ema"] == 0.5
+
+
+@pytest.mark.parametrize("bad", ["1", "a,b", "1.2,0.8", "0,1"])
+def test_a_bad_scale_range_is_refused(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(SystemExit, match="--scale"):
+        main(["--data", str(tmp_path), "--name", "x", "--scale", bad])
