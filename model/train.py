@@ -341,6 +341,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
             raise ValueError(f"{ckpt_path} was written for another architecture or dataset; use a new --run-dir")
         model.load_state_dict(ckpt["model"])
         if ema is not None:
+            if "ema" not in ckpt:
+                raise ValueError(f"{ckpt_path} was written without --ema; use a new --run-dir")
             ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -629,6 +631,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     colors = tuple(c.strip().lstrip("#").lower() for c in args.colors.split(",") if c.strip())
     if colors and len(colors) != len(classes):
         raise SystemExit(f"--colors names {len(colors)} colors for {len(classes)} classes")
+    if not 0 <= args.ema < 1:
+        raise SystemExit(f"--ema takes a decay in [0, 1), got {args.ema}")
+    if args.elastic < 0 or args.rotate < 0:
+        raise SystemExit("--elastic and --rotate take sizes >= 0")
     return TrainConfig(
         data_dir=str(args.data),
         name=args.name,

@@ -247,7 +247,18 @@ def test_ema_exports_the_averaged_weights(tmp_path: Path) -> None:
     assert load_bundle(tmp_path / "run" / "bundle").card.training["ema"] == 0.5
 
 
-@pytest.mark.parametrize("bad", ["1", "a,b", "1.2,0.8", "0,1"])
-def test_a_bad_scale_range_is_refused(tmp_path: Path, bad: str) -> None:
-    with pytest.raises(SystemExit, match="--scale"):
-        main(["--data", str(tmp_path), "--name", "x", "--scale", bad])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--scale", "1"], "--scale"),
+        (["--scale", "a,b"], "--scale"),
+        (["--scale", "1.2,0.8"], "--scale"),
+        (["--scale", "0,1"], "--scale"),
+        (["--ema", "1"], "--ema"),
+        (["--ema", "-0.5"], "--ema"),
+        (["--elastic", "-1"], "--elastic"),
+    ],
+)
+def test_bad_augmentation_flags_are_refused(tmp_path: Path, flags: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        main(["--data", str(tmp_path), "--name", "x", *flags])
