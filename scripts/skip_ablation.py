@@ -143,7 +143,12 @@ def main() -> int:
     labels = [v[0] for v in VARIANTS]
     best = {lb: [max(r["val_dice"] for r in results[s][lb]["rows"]) for s in seeds] for lb in labels}
     final = {lb: [results[s][lb]["rows"][-1]["val_dice"] for s in seeds] for lb in labels}
-    grad = {lb: [statistics.fmean(results[s][lb]["grads"]) for s in seeds] for lb in labels}
+    half = a.grad_steps // 2
+    spans = ((0, half), (half, a.grad_steps), (0, a.grad_steps))
+    grad = {
+        span: {lb: [statistics.fmean(results[s][lb]["grads"][span[0] : span[1]]) for s in seeds] for lb in labels}
+        for span in spans
+    }
     secs = {lb: [sum(r["seconds"] for r in results[s][lb]["rows"]) for s in seeds] for lb in labels}
     wins = sum(b1 > b2 for b1, b2 in zip(best[labels[0]], best[labels[1]], strict=True))
     seed_list = "/".join(str(s) for s in seeds)
@@ -157,9 +162,16 @@ def main() -> int:
     )
     print(f"| final validation Dice, mean ± sd | {mean_sd(final[labels[0]])} | {mean_sd(final[labels[1]])} |")
     print(
-        f"| mean first-layer gradient norm, steps 1–{a.grad_steps} | {mean_sd(grad[labels[0]], 3)} | "
-        f"{mean_sd(grad[labels[1]], 3)} |"
+        f"| final training loss, seeds {seed_list} | "
+        + " | ".join("/".join(f"{results[s][lb]['rows'][-1]['train_loss']:.3f}" for s in seeds) for lb in labels)
+        + " |"
     )
+    for lo, hi in spans:
+        g = grad[(lo, hi)]
+        print(
+            f"| mean first-layer gradient norm, steps {lo + 1}–{hi} | {mean_sd(g[labels[0]])} | "
+            f"{mean_sd(g[labels[1]])} |"
+        )
     print(
         f"| training time per run, mean | {statistics.fmean(secs[labels[0]]) / 60:.1f} min | "
         f"{statistics.fmean(secs[labels[1]]) / 60:.1f} min |"
