@@ -1,6 +1,6 @@
 """The skip-connection ablation: the same U-Net trained with and without its skips, on the same budget.
 
-    python scripts/skip_ablation.py DATA_DIR [--size 128] [--base-width 16] [--epochs 10] [--seeds 0,1,2]
+    python scripts/skip_ablation.py DATA_DIR [--size 128] [--base-width 16] [--epochs 30] [--seeds 0,1,2]
         [--runs runs/ablation]
 
 Every pair of runs shares every setting (data split, seed, augmentation, schedule, epochs) except ``skip``;
@@ -123,7 +123,7 @@ def main() -> int:
     ap.add_argument("data_dir", type=Path)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--base-width", type=int, default=16)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds, one pair of runs each")
     ap.add_argument("--split-seed", type=int, default=0, help="the train/validation split every run shares")
