@@ -56,8 +56,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def stream_threads(streams: int) -> int:
-    """Torch threads for each of ``streams`` CPU workers: an equal share of torch's threads, at least one."""
+def stream_threads(streams: int, device_type: str = "cpu") -> int:
+    """Torch threads for each of ``streams`` CPU workers: an equal share of torch's threads, at least one.
+
+    0 (leave the thread count alone) for a single worker or a device other than the CPU.
+    """
+    if streams <= 1 or device_type != "cpu":
+        return 0
     return max(1, torch.get_num_threads() // streams)
 
 
@@ -152,7 +157,7 @@ class ModelEngine:
         self._closed = False
         self.streams = streams
         # On the CPU several streams share the cores: each worker runs its forward passes on its share.
-        self.threads_per_stream = stream_threads(streams) if device.type == "cpu" and streams > 1 else 0
+        self.threads_per_stream = stream_threads(streams, device.type)
         self._threads = [
             threading.Thread(target=self._run_stream, name=f"engine-{self.name}-{i}", daemon=True)
             for i in range(streams)

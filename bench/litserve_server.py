@@ -89,7 +89,7 @@ if __name__ == "__main__":
     p.add_argument("--wait-s", type=float, default=0.005)
     p.add_argument("--workers", type=int, default=1, help="workers_per_device (on CPU they share the threads)")
     a = p.parse_args()
-    threads = stream_threads(a.workers) if a.workers > 1 else 0
+    threads = stream_threads(a.workers)
     api = UNetAPI(a.bundle, getattr(torch, a.dtype), threads, max_batch_size=a.max_batch, batch_timeout=a.wait_s)
     server = ls.LitServer(api, accelerator=a.device, devices=1, workers_per_device=a.workers, timeout=120)
     server.run(port=a.port, generate_client_file=False, log_level="warning")

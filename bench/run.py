@@ -184,7 +184,7 @@ def raw_rate(
     threads each running forward passes (on the CPU each with its share of the torch threads), as the
     service's engine does with UNETSEG_STREAMS."""
     threads = torch.get_num_threads()
-    share = stream_threads(streams) if streams > 1 and device.type == "cpu" else 0
+    share = stream_threads(streams, device.type)
     x = inputs(batch)
     rates: list[float] = []
 

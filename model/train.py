@@ -615,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_range(text: str) -> tuple[float, float]:
+def parse_scale(text: str) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
@@ -673,7 +673,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         dataset_license=args.dataset_license,
         dataset_citation=args.dataset_citation,
         init=args.init,
-        augment=AugmentConfig(scale=parse_range(args.scale), rotate_deg=args.rotate, elastic_px=args.elastic),
+        augment=AugmentConfig(scale=parse_scale(args.scale), rotate_deg=args.rotate, elastic_px=args.elastic),
     )
 
 

@@ -74,11 +74,9 @@ def mean_sd(xs: list[float], digits: int = 3) -> str:
 def plot(results: dict[int, dict[str, dict[str, Any]]], a: argparse.Namespace) -> None:
     seeds = sorted(results)
     labels = [v[0] for v in VARIANTS]
-    series = []
-    for label, _, _, bold, light in VARIANTS:
-        series += [(f"{label} s{s}", light, "") for s in seeds] + [(label, bold, label)]
     # Light per-seed series first, so the bold means are drawn over them.
-    series = [s for s in series if s[2] == ""] + [s for s in series if s[2] != ""]
+    series = [(f"{label} s{s}", light, "") for label, _, _, _, light in VARIANTS for s in seeds]
+    series += [(label, bold, label) for label, _, _, bold, _ in VARIANTS]
 
     def rows_of(values: dict[str, list[list[float]]]) -> list[dict[str, float]]:
         n = min(len(v) for vs in values.values() for v in vs)
