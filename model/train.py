@@ -65,6 +65,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 2.0
+    loss: str = "dice_ce"  # dice_ce (cross-entropy + soft Dice) | ce (cross-entropy only)
     ema: float = 0.0  # decay of an exponential moving average of the weights (and BN statistics); 0 = off
     patience: int = 25  # epochs without a better validation Dice before stopping; 0 = never
     val_fraction: float = 0.1
@@ -173,6 +174,14 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     denom = probs.sum(dims) + onehot.sum(dims)
     dice = (2 * inter + 1.0) / (denom + 1.0)  # (K,)
     return ce + (1 - dice[1:].mean())
+
+
+def ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Plain cross-entropy: the loss whose minimum is the most accurate per-pixel argmax."""
+    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
+
+
+LOSSES = {"dice_ce": dice_ce_loss, "ce": ce_loss}
 
 
 class Progress:
@@ -302,6 +311,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
     """Run (or continue) training; returns the final summary (also in RUN_DIR/summary.json)."""
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.precision, device)
+    loss_fn = LOSSES[cfg.loss]
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "last.pt"
@@ -400,7 +410,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 logits = model(x)
-            loss = dice_ce_loss(logits, yl)
+            loss = loss_fn(logits, yl)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             if state["step"] < cfg.grad_log_steps:
@@ -506,6 +516,7 @@ def export(cfg: TrainConfig, data: Data, state: dict[str, Any], device: torch.de
         "best_epoch": state["best_epoch"],
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
+        "loss": cfg.loss,
         **({"ema": cfg.ema} if cfg.ema else {}),
         "augment": asdict(cfg.augment),
         "precision": str(pick_dtype(cfg.precision, device)).removeprefix("torch."),
@@ -577,6 +588,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--warmup-epochs", type=float, default=2.0)
+    p.add_argument(
+        "--loss",
+        choices=sorted(LOSSES),
+        default="dice_ce",
+        help="dice_ce: cross-entropy + soft Dice of the foreground classes; ce: cross-entropy only",
+    )
     p.add_argument(
         "--ema",
         type=float,
@@ -659,6 +676,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         lr=args.lr,
         weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs,
+        loss=args.loss,
         ema=args.ema,
         patience=args.patience,
         val_fraction=args.val_fraction,

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.bundle import load_bundle
-from model.train import TrainConfig, dice_ce_loss, load_data, lr_factor, main, train
+from model.train import TrainConfig, ce_loss, dice_ce_loss, load_data, lr_factor, main, train
 from tests.model.synthetic import write_disc_dataset
 
 CPU = torch.device("cpu")
@@ -142,6 +142,8 @@ def test_tile_training_and_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture
             "4",
             "--split-seed",
             "2",
+            "--loss",
+            "ce",
         ]
     )
     assert code == 0
@@ -150,6 +152,7 @@ def test_tile_training_and_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture
     aug = card.training["augment"]
     assert (aug["elastic_px"], aug["scale"], aug["rotate_deg"]) == (3.0, [0.9, 1.1], 0.0)
     assert (card.training["seed"], card.training["split_seed"]) == (4, 2)
+    assert card.training["loss"] == "ce"
     assert card.classes[1].color == (0, 255, 0)
     assert '"stop": "epochs"' in capsys.readouterr().out
 
@@ -163,10 +166,26 @@ def test_loss_and_schedule() -> None:
     ignored = target.clone()
     ignored[0, 0, 0] = 255
     assert torch.isfinite(dice_ce_loss(perfect, ignored))
+    logits = torch.randn(2, 2, 8, 8)
+    both = torch.cat([target, ignored])
+    assert float(ce_loss(logits, both)) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, both, ignore_index=255))
+    )
+    assert float(dice_ce_loss(logits, both)) > float(ce_loss(logits, both))  # + (1 - Dice) > 0
     assert lr_factor(0, 10, 100) == pytest.approx(0.1)
     assert lr_factor(9, 10, 100) == pytest.approx(1.0)
     assert lr_factor(10, 10, 100) == pytest.approx(1.0)
     assert lr_factor(100, 10, 100) == pytest.approx(0.01)
+
+
+def test_the_loss_flag_reaches_the_training_step(tmp_path: Path) -> None:
+    data = write_disc_dataset(tmp_path / "data")
+    first = {}
+    for loss in ("dice_ce", "ce"):
+        train(config(tmp_path, data, run=loss, loss=loss, epochs=1, steps_per_epoch=1), log=False)
+        first[loss] = json.loads((tmp_path / loss / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
+    # Same seed, so the same weights and batch: the step's loss differs only by the soft-Dice term.
+    assert 0.05 < first["dice_ce"] - first["ce"] < 1.0
 
 
 def test_a_paused_run_can_be_exported(tmp_path: Path) -> None:
