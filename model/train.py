@@ -81,6 +81,8 @@ class TrainConfig:
     dataset_url: str = ""
     dataset_license: str = ""
     dataset_citation: str = ""
+    extra_data: tuple[str, ...] = ()  # folders whose pairs join the training split only (e.g. pseudo-labels)
+    extra_mask: str = ""  # their mask spec; "" = mask
     init: str = ""  # bundle folder whose weights start the run (fine-tuning); "" = random initialisation
 
     @property
@@ -109,7 +111,7 @@ class TrainConfig:
         d = dict(d)
         aug = d.pop("augment", {})
         aug["scale"] = tuple(aug.get("scale", (0.75, 1.25)))
-        for key in ("class_names", "colors"):
+        for key in ("class_names", "colors", "extra_data"):
             d[key] = tuple(d.get(key, ()))
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known}, augment=AugmentConfig(**aug))
@@ -212,22 +214,24 @@ class Data:
     val: list[Sample]  # native size, for the serving pipeline
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    extra_images: int = 0  # of train_x, those from extra_data (the last ones)
 
 
 def load_data(cfg: TrainConfig, device: torch.device) -> Data:
     spec = MaskSpec.parse(cfg.mask)
     pairs = find_pairs(cfg.data_dir)
     train_idx, val_idx = split(len(pairs), cfg.val_fraction, cfg.split_seed_or_seed)
-
-    def load(i: int) -> Sample:
-        return load_sample(*pairs[i], spec, cfg.channels)
+    extra_spec = MaskSpec.parse(cfg.extra_mask or cfg.mask)
+    training = [(*pairs[i], spec) for i in train_idx]
+    for folder in cfg.extra_data:
+        training += [(image, mask, extra_spec) for image, mask in find_pairs(folder)]
 
     train_x, train_y = [], []
     sums = np.zeros(cfg.channels)
     sq = np.zeros(cfg.channels)
     count = 0
-    for i in train_idx:
-        s = load(i)
+    for image_path, mask_path, mask_spec in training:
+        s = load_sample(image_path, mask_path, mask_spec, cfg.channels)
         img, msk = resize_pair(s, cfg.size) if cfg.sizing == "resize" else (s.image, s.mask)
         img3 = img.reshape(img.shape[0], img.shape[1], -1).astype(np.float64) / 255
         sums += img3.sum((0, 1))
@@ -239,7 +243,8 @@ def load_data(cfg: TrainConfig, device: torch.device) -> Data:
         raise ValueError(
             f"mask spec {cfg.mask} gives {spec.num_classes} classes, --classes names {len(cfg.class_names)}"
         )
-    top = max(int(y.max()) for y in train_y)
+    # IGNORE (255) in an index mask marks pixels the loss skips, e.g. where a pseudo-label is unsure.
+    top = max(int(y.masked_fill(y == IGNORE, 0).max()) for y in train_y)
     if top >= len(cfg.class_names):
         raise ValueError(f"masks hold class id {top}, but only {len(cfg.class_names)} classes are named")
     mean = sums / count
@@ -247,9 +252,10 @@ def load_data(cfg: TrainConfig, device: torch.device) -> Data:
     return Data(
         train_x=[x.to(device) for x in train_x],
         train_y=[y.to(device) for y in train_y],
-        val=[load(i) for i in val_idx],
+        val=[load_sample(*pairs[i], spec, cfg.channels) for i in val_idx],
         mean=tuple(float(round(m, 5)) for m in mean),
         std=tuple(float(round(s, 5)) for s in std),
+        extra_images=len(training) - len(train_idx),
     )
 
 
@@ -510,7 +516,16 @@ def export(cfg: TrainConfig, data: Data, state: dict[str, Any], device: torch.de
         "seed": cfg.seed,
         "split_seed": cfg.split_seed_or_seed,
         "val_fraction": cfg.val_fraction,
-        "train_images": len(data.train_x),
+        "train_images": len(data.train_x) - data.extra_images,
+        **(
+            {
+                "extra_data": [Path(d).name for d in cfg.extra_data],
+                "extra_mask": str(MaskSpec.parse(cfg.extra_mask or cfg.mask)),
+                "extra_images": data.extra_images,
+            }
+            if cfg.extra_data
+            else {}
+        ),
         "val_images": len(data.val),
         "epochs": state["epoch"],
         "best_epoch": state["best_epoch"],
@@ -628,6 +643,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PX",
         help="elastic deformation: control-point displacement std in pixels (0 = off)",
     )
+    p.add_argument(
+        "--extra-data",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="more images/ + masks/ for the training split only, never validated on (repeatable)",
+    )
+    p.add_argument("--extra-mask", default="", help="mask spec of --extra-data (default: --mask)")
     p.add_argument("--init", default="", help="start from this bundle's weights (same architecture): fine-tuning")
     return p
 
@@ -690,6 +713,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         dataset_url=args.dataset_url,
         dataset_license=args.dataset_license,
         dataset_citation=args.dataset_citation,
+        extra_data=tuple(args.extra_data),
+        extra_mask=args.extra_mask,
         init=args.init,
         augment=AugmentConfig(scale=parse_scale(args.scale), rotate_deg=args.rotate, elastic_px=args.elastic),
     )

@@ -3,8 +3,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from model.bundle import load_bundle
@@ -281,3 +283,34 @@ def test_ema_exports_the_averaged_weights(tmp_path: Path) -> None:
 def test_bad_augmentation_flags_are_refused(tmp_path: Path, flags: list[str], message: str) -> None:
     with pytest.raises(SystemExit, match=message):
         main(["--data", str(tmp_path), "--name", "x", *flags])
+
+
+def test_extra_data_joins_the_training_split_only(tmp_path: Path) -> None:
+    data = write_disc_dataset(tmp_path / "data")
+    extra = write_disc_dataset(tmp_path / "extra", n=5, seed=1)
+    # Index masks with ignored pixels (255), as the pseudo-labeller writes them.
+    for f in (extra / "masks").iterdir():
+        ids = (np.asarray(Image.open(f)) > 127).astype(np.uint8)
+        ids[:, :10] = 255
+        Image.fromarray(ids).save(f)
+    plain = load_data(config(tmp_path, data, sizing="tile"), CPU)
+    cfg = config(tmp_path, data, sizing="tile", extra_data=(str(extra),), extra_mask="index", epochs=1)
+    mixed = load_data(cfg, CPU)
+    assert [s.stem for s in mixed.val] == [s.stem for s in plain.val]
+    assert len(mixed.train_x) == len(plain.train_x) + 5 and mixed.extra_images == 5
+    assert int(mixed.train_y[-1][:, :10].min()) == 255 and int(mixed.train_y[-1].max()) == 255
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    train(cfg, log=False)
+    card = load_bundle(tmp_path / "run" / "bundle").card
+    assert card.training["train_images"] == len(plain.train_x)
+    assert (card.training["extra_images"], card.training["extra_mask"]) == (5, "index")
+    assert card.training["extra_data"] == ["extra"]
+
+
+def test_extra_data_with_an_unnamed_class_is_refused(tmp_path: Path) -> None:
+    data = write_disc_dataset(tmp_path / "data")
+    extra = write_disc_dataset(tmp_path / "extra", n=2, seed=1)
+    for f in (extra / "masks").iterdir():
+        Image.fromarray(np.full((40, 48), 2, np.uint8)).save(f)
+    with pytest.raises(ValueError, match="class id 2"):
+        load_data(config(tmp_path, data, extra_data=(str(extra),), extra_mask="index"), CPU)
