@@ -28,18 +28,32 @@ class AugmentConfig:
     # (standard deviation in pixels of the crop), interpolated bicubically to every pixel. 0 = off.
     elastic_px: float = 0.0
     elastic_grid: int = 3
+    # Probability, per axis, that a tile-sizing crop is placed against the image border (either side, evenly)
+    # instead of uniformly. Uniform origins cover a pixel d < size from the border in only (d + 1) of the
+    # (L - size + 1) possible crops, so the image's outer frame is rarely trained on. 0 = uniform.
+    border_crops: float = 0.0
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:
     return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
 
 
+def _origin(span: int, border: float, gen: torch.Generator, device: torch.device) -> int:
+    """A crop origin in [0, span]: with probability ``border`` 0 or ``span`` (evenly), else uniform."""
+    u = float(torch.rand(1, generator=gen, device=device).item())
+    pick = int(torch.randint(0, span + 1, (1,), generator=gen, device=device).item())
+    if u < border:
+        return 0 if u < border / 2 else span
+    return pick
+
+
 def random_crops(
-    images: list[torch.Tensor], masks: list[torch.Tensor], size: int, gen: torch.Generator
+    images: list[torch.Tensor], masks: list[torch.Tensor], size: int, gen: torch.Generator, border: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Crop ``size`` x ``size`` at native scale from each (C, H, W) image and (H, W) mask.
 
-    Smaller images are padded (image with 0, mask with IGNORE). Returns (B, C, S, S) and (B, S, S).
+    Smaller images are padded (image with 0, mask with IGNORE). ``border``: see
+    ``AugmentConfig.border_crops``. Returns (B, C, S, S) and (B, S, S).
     """
     device = images[0].device
     out_x, out_y = [], []
@@ -50,8 +64,11 @@ def random_crops(
             img = F.pad(img, (0, pw, 0, ph))
             msk = F.pad(msk, (0, pw, 0, ph), value=IGNORE)
             h, w = msk.shape
-        top = int(torch.randint(0, h - size + 1, (1,), generator=gen, device=device).item())
-        left = int(torch.randint(0, w - size + 1, (1,), generator=gen, device=device).item())
+        if border:
+            top, left = _origin(h - size, border, gen, device), _origin(w - size, border, gen, device)
+        else:
+            top = int(torch.randint(0, h - size + 1, (1,), generator=gen, device=device).item())
+            left = int(torch.randint(0, w - size + 1, (1,), generator=gen, device=device).item())
         out_x.append(img[:, top : top + size, left : left + size])
         out_y.append(msk[top : top + size, left : left + size])
     return torch.stack(out_x), torch.stack(out_y)

@@ -409,7 +409,13 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
                 x = torch.stack([data.train_x[i] for i in idx])
                 y = torch.stack([data.train_y[i] for i in idx])
             else:
-                x, y = random_crops([data.train_x[i] for i in idx], [data.train_y[i] for i in idx], cfg.size, gen_aug)
+                x, y = random_crops(
+                    [data.train_x[i] for i in idx],
+                    [data.train_y[i] for i in idx],
+                    cfg.size,
+                    gen_aug,
+                    cfg.augment.border_crops,
+                )
             x, yl = augment(x.float() / 255, y.long(), cfg.augment, gen_aug)
             x = (x - mean) / std
             if device.type == "cuda" or dtype == torch.bfloat16:
@@ -644,6 +650,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="elastic deformation: control-point displacement std in pixels (0 = off)",
     )
     p.add_argument(
+        "--border-crops",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="tile sizing: probability per axis that a crop lies against the image border (0 = uniform)",
+    )
+    p.add_argument(
         "--extra-data",
         action="append",
         default=[],
@@ -675,6 +688,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise SystemExit(f"--ema takes a decay in [0, 1), got {args.ema}")
     if args.elastic < 0 or args.rotate < 0:
         raise SystemExit("--elastic and --rotate take sizes >= 0")
+    if not 0 <= args.border_crops <= 1:
+        raise SystemExit(f"--border-crops takes a probability in [0, 1], got {args.border_crops}")
     return TrainConfig(
         data_dir=str(args.data),
         name=args.name,
@@ -716,7 +731,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         extra_data=tuple(args.extra_data),
         extra_mask=args.extra_mask,
         init=args.init,
-        augment=AugmentConfig(scale=parse_scale(args.scale), rotate_deg=args.rotate, elastic_px=args.elastic),
+        augment=AugmentConfig(
+            scale=parse_scale(args.scale),
+            rotate_deg=args.rotate,
+            elastic_px=args.elastic,
+            border_crops=args.border_crops,
+        ),
     )
 
 

@@ -53,6 +53,31 @@ def test_crops_pad_small_images_with_ignore() -> None:
     assert (y[1] == 1).all()
 
 
+def _corner_share(border: float, draws: int = 400) -> float:
+    """How often a 16x16 crop of a 64x48 image holds the image's top-left pixel."""
+    h, w = 64, 48
+    img = torch.arange(h * w, dtype=torch.int32).reshape(1, h, w)
+    gen = torch.Generator().manual_seed(1)
+    hits = 0
+    for _ in range(draws):
+        x, _y = random_crops([img], [torch.zeros(h, w, dtype=torch.uint8)], 16, gen, border)
+        hits += int((x == 0).any())
+    return hits / draws
+
+
+def test_border_crops_train_the_image_border() -> None:
+    # Uniform origins hold the corner pixel in 1 of 49 x 33 crops; border 0.5 per axis in 1 of 16.
+    assert _corner_share(0.0) < 0.01
+    assert 0.04 < _corner_share(0.5) < 0.09
+    assert 0.2 < _corner_share(1.0) < 0.3  # every crop in a corner
+    # The default (0) draws the origins as before (two uniform integers), so a seed's crops do not change.
+    img, msk = torch.rand(1, 40, 40), torch.zeros(40, 40, dtype=torch.uint8)
+    x, _ = random_crops([img], [msk], 16, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    top, left = (int(torch.randint(0, 25, (1,), generator=gen).item()) for _ in range(2))
+    assert torch.equal(x[0], img[:, top : top + 16, left : left + 16])
+
+
 def test_elastic_field_moves_by_the_asked_pixels_and_smoothly() -> None:
     d = elastic_field(64, 128, 96, 10.0, 3, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert d.shape == (64, 128, 96, 2)

@@ -146,6 +146,8 @@ def test_tile_training_and_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture
             "2",
             "--loss",
             "ce",
+            "--border-crops",
+            "0.5",
         ]
     )
     assert code == 0
@@ -154,7 +156,7 @@ def test_tile_training_and_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture
     aug = card.training["augment"]
     assert (aug["elastic_px"], aug["scale"], aug["rotate_deg"]) == (3.0, [0.9, 1.1], 0.0)
     assert (card.training["seed"], card.training["split_seed"]) == (4, 2)
-    assert card.training["loss"] == "ce"
+    assert card.training["loss"] == "ce" and aug["border_crops"] == 0.5
     assert card.classes[1].color == (0, 255, 0)
     assert '"stop": "epochs"' in capsys.readouterr().out
 
@@ -278,6 +280,7 @@ def test_ema_exports_the_averaged_weights(tmp_path: Path) -> None:
         (["--ema", "1"], "--ema"),
         (["--ema", "-0.5"], "--ema"),
         (["--elastic", "-1"], "--elastic"),
+        (["--border-crops", "1.5"], "--border-crops"),
     ],
 )
 def test_bad_augmentation_flags_are_refused(tmp_path: Path, flags: list[str], message: str) -> None:
