@@ -44,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0 < args.confidence < 1:
         p.error("--confidence must be between 0 and 1")
+    if not args.images.is_dir():
+        p.error(f"{args.images} is not a folder")
     files = sorted(f for f in args.images.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         p.error(f"{args.images} holds no images")
@@ -59,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             image = pil_to_array(ImageOps.exif_transpose(im), bundle.card.input.channels)
         mask = pseudo_mask(predict_logits(model, image, bundle.card.input, device), args.confidence)
         shutil.copyfile(f, args.out / "images" / f.name)
-        Image.fromarray(mask, mode="L").save(args.out / "masks" / f"{f.stem}.png")
+        Image.fromarray(mask).save(args.out / "masks" / f"{f.stem}.png")
         shares = ", ".join(f"{c.name} {float((mask == c.id).mean()):.1%}" for c in bundle.card.classes)
         print(f"{f.name}: {shares}, ignored {float((mask == IGNORE).mean()):.1%}")
     print(f"{len(files)} pseudo-labelled images in {args.out}", file=sys.stderr)

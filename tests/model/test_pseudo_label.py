@@ -71,5 +71,7 @@ def test_pseudo_label_refuses_a_used_folder_and_bad_confidence(tmp_path: Path) -
         out = tmp_path / ("used" if not args else "fresh")
         with pytest.raises(SystemExit):
             main(["--model", "unused", str(images), str(out), *args])
+    with pytest.raises(SystemExit):
+        main(["--model", "unused", str(tmp_path / "missing"), str(tmp_path / "fresh")])
     assert (tmp_path / "used" / "x").read_text() == "keep"
     assert not (tmp_path / "fresh").exists()
