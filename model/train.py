@@ -86,6 +86,10 @@ class TrainConfig:
     init: str = ""  # bundle folder whose weights start the run (fine-tuning); "" = random initialisation
 
     @property
+    def extra_mask_spec(self) -> MaskSpec:
+        return MaskSpec.parse(self.extra_mask or self.mask)
+
+    @property
     def split_seed_or_seed(self) -> int:
         return self.seed if self.split_seed is None else self.split_seed
 
@@ -221,7 +225,7 @@ def load_data(cfg: TrainConfig, device: torch.device) -> Data:
     spec = MaskSpec.parse(cfg.mask)
     pairs = find_pairs(cfg.data_dir)
     train_idx, val_idx = split(len(pairs), cfg.val_fraction, cfg.split_seed_or_seed)
-    extra_spec = MaskSpec.parse(cfg.extra_mask or cfg.mask)
+    extra_spec = cfg.extra_mask_spec
     training = [(*pairs[i], spec) for i in train_idx]
     for folder in cfg.extra_data:
         training += [(image, mask, extra_spec) for image, mask in find_pairs(folder)]
@@ -526,7 +530,7 @@ def export(cfg: TrainConfig, data: Data, state: dict[str, Any], device: torch.de
         **(
             {
                 "extra_data": [Path(d).name for d in cfg.extra_data],
-                "extra_mask": str(MaskSpec.parse(cfg.extra_mask or cfg.mask)),
+                "extra_mask": str(cfg.extra_mask_spec),
                 "extra_images": data.extra_images,
             }
             if cfg.extra_data

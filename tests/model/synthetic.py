@@ -1,4 +1,4 @@
-"""A tiny synthetic dataset on disk: bright discs on a dark noisy background."""
+"""A tiny synthetic dataset on disk (bright discs on a dark noisy background) and a short training config."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from model.train import TrainConfig
 
 
 def write_disc_dataset(root: Path, n: int = 12, size: tuple[int, int] = (48, 40), seed: int = 0) -> Path:
@@ -22,3 +24,28 @@ def write_disc_dataset(root: Path, n: int = 12, size: tuple[int, int] = (48, 40)
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "images" / f"d{i:02d}.png")
         Image.fromarray((disc * 255).astype(np.uint8)).save(root / "masks" / f"d{i:02d}.png")
     return root
+
+
+def config(tmp_path: Path, data: Path, run: str = "run", **kw: object) -> TrainConfig:
+    """A seconds-long training run on the disc dataset in ``tmp_path/run``; ``kw`` overrides fields."""
+    base: dict[str, object] = dict(
+        data_dir=str(data),
+        name="discs",
+        run_dir=str(tmp_path / run),
+        out=str(tmp_path / run / "bundle"),
+        class_names=("background", "disc"),
+        sizing="resize",
+        size=32,
+        base_width=4,
+        depth=2,
+        epochs=3,
+        batch_size=4,
+        lr=5e-3,
+        warmup_epochs=0.5,
+        val_fraction=0.25,
+        device="cpu",
+        precision="float32",
+        patience=0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]

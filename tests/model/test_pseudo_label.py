@@ -9,8 +9,8 @@ import torch
 from model.bundle import load_bundle
 from model.data import MaskSpec, find_pairs, load_sample
 from model.pseudo_label import main, pseudo_mask
-from model.train import TrainConfig, train
-from tests.model.synthetic import write_disc_dataset
+from model.train import train
+from tests.model.synthetic import config, write_disc_dataset
 
 
 def test_pseudo_mask_ignores_unsure_pixels() -> None:
@@ -24,24 +24,7 @@ def test_pseudo_mask_ignores_unsure_pixels() -> None:
 
 def test_pseudo_labels_are_a_training_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = write_disc_dataset(tmp_path / "data", n=16)
-    cfg = TrainConfig(
-        data_dir=str(data),
-        name="discs",
-        run_dir=str(tmp_path / "run"),
-        out=str(tmp_path / "run" / "bundle"),
-        class_names=("background", "disc"),
-        size=32,
-        base_width=8,
-        depth=2,
-        epochs=12,
-        batch_size=4,
-        lr=5e-3,
-        warmup_epochs=0.5,
-        val_fraction=0.25,
-        device="cpu",
-        precision="float32",
-        patience=0,
-    )
+    cfg = config(tmp_path, data, epochs=12, base_width=8)
     train(cfg, log=False)
     unlabelled = write_disc_dataset(tmp_path / "new", n=3, seed=7)
     out = tmp_path / "pseudo"

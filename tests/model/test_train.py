@@ -11,33 +11,9 @@ from safetensors.torch import load_file
 
 from model.bundle import load_bundle
 from model.train import TrainConfig, ce_loss, dice_ce_loss, load_data, lr_factor, main, train
-from tests.model.synthetic import write_disc_dataset
+from tests.model.synthetic import config, write_disc_dataset
 
 CPU = torch.device("cpu")
-
-
-def config(tmp_path: Path, data: Path, run: str = "run", **kw: object) -> TrainConfig:
-    base: dict[str, object] = dict(
-        data_dir=str(data),
-        name="discs",
-        run_dir=str(tmp_path / run),
-        out=str(tmp_path / run / "bundle"),
-        class_names=("background", "disc"),
-        sizing="resize",
-        size=32,
-        base_width=4,
-        depth=2,
-        epochs=3,
-        batch_size=4,
-        lr=5e-3,
-        warmup_epochs=0.5,
-        val_fraction=0.25,
-        device="cpu",
-        precision="float32",
-        patience=0,
-    )
-    base.update(kw)
-    return TrainConfig(**base)  # type: ignore[arg-type]
 
 
 def test_training_writes_a_valid_bundle_with_metrics_logs_and_plot(tmp_path: Path) -> None:
