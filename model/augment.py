@@ -39,7 +39,14 @@ def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device: torch.d
 
 
 def _origin(span: int, border: float, gen: torch.Generator, device: torch.device) -> int:
-    """A crop origin in [0, span]: with probability ``border`` 0 or ``span`` (evenly), else uniform."""
+    """A crop origin in [0, span]: with probability ``border`` 0 or ``span`` (evenly), else uniform.
+
+    The draws are part of every training recipe's reproducibility: ``border == 0`` draws one integer (as
+    before the option existed), otherwise a coin and an integer, the integer even when the coin picks a
+    border, so that a seed's crops stay what the shipped bundles were trained on.
+    """
+    if not border:
+        return int(torch.randint(0, span + 1, (1,), generator=gen, device=device).item())
     u = float(torch.rand(1, generator=gen, device=device).item())
     pick = int(torch.randint(0, span + 1, (1,), generator=gen, device=device).item())
     if u < border:
@@ -64,11 +71,8 @@ def random_crops(
             img = F.pad(img, (0, pw, 0, ph))
             msk = F.pad(msk, (0, pw, 0, ph), value=IGNORE)
             h, w = msk.shape
-        if border:
-            top, left = _origin(h - size, border, gen, device), _origin(w - size, border, gen, device)
-        else:
-            top = int(torch.randint(0, h - size + 1, (1,), generator=gen, device=device).item())
-            left = int(torch.randint(0, w - size + 1, (1,), generator=gen, device=device).item())
+        top = _origin(h - size, border, gen, device)
+        left = _origin(w - size, border, gen, device)
         out_x.append(img[:, top : top + size, left : left + size])
         out_y.append(msk[top : top + size, left : left + size])
     return torch.stack(out_x), torch.stack(out_y)
