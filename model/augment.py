@@ -21,9 +21,13 @@ class AugmentConfig:
     rot90: bool = True
     scale: tuple[float, float] = (0.75, 1.25)
     rotate_deg: float = 15.0
+    # Shear of the x axis along y, within +- degrees (0 = off; drawn only when on, so recipes without it
+    # keep their random draws).
+    shear_deg: float = 0.0
     brightness: float = 0.2  # +- fraction
     contrast: float = 0.2  # +- fraction
     hue_deg: float = 10.0  # +- degrees, RGB only
+    saturation: float = 0.0  # +- fraction of the chroma, RGB only (0 = off, drawn only when on)
     # Elastic deformation as in the U-Net paper: random displacements on a coarse grid of control points
     # (standard deviation in pixels of the crop), interpolated bicubically to every pixel. 0 = off.
     elastic_px: float = 0.0
@@ -103,13 +107,18 @@ def augment(
             ys.append(torch.rot90(y, r, (-2, -1)))
         x = torch.stack(xs)[k, torch.arange(b, device=dev)]
         y = torch.stack(ys)[k, torch.arange(b, device=dev)]
-    if cfg.scale != (1.0, 1.0) or cfg.rotate_deg > 0 or cfg.elastic_px > 0:
+    if cfg.scale != (1.0, 1.0) or cfg.rotate_deg > 0 or cfg.elastic_px > 0 or cfg.shear_deg > 0:
         s = _uniform(b, cfg.scale[0], cfg.scale[1], gen, dev)
         a = _uniform(b, -cfg.rotate_deg, cfg.rotate_deg, gen, dev) * (math.pi / 180)
         cos, sin = torch.cos(a) / s, torch.sin(a) / s
         theta = torch.stack(
             [torch.stack([cos, -sin, torch.zeros_like(s)], 1), torch.stack([sin, cos, torch.zeros_like(s)], 1)], 1
         )  # (B, 2, 3): output -> input sampling; s > 1 zooms in
+        if cfg.shear_deg > 0:
+            k = torch.tan(_uniform(b, -cfg.shear_deg, cfg.shear_deg, gen, dev) * (math.pi / 180))
+            shear = torch.eye(2, device=dev).repeat(b, 1, 1)
+            shear[:, 0, 1] = k  # x_in = x + k * y
+            theta = torch.cat([theta[:, :, :2] @ shear, theta[:, :, 2:]], 2)
         grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
         if cfg.elastic_px > 0:
             grid = grid + elastic_field(b, h, w, cfg.elastic_px, cfg.elastic_grid, gen, dev)
@@ -124,6 +133,10 @@ def augment(
         x = (x - mean) * f + mean
     if cfg.hue_deg > 0 and c == 3:
         x = rotate_hue(x, _uniform(b, -cfg.hue_deg, cfg.hue_deg, gen, dev) * (math.pi / 180))
+    if cfg.saturation > 0 and c == 3:
+        f = _uniform(b, 1 - cfg.saturation, 1 + cfg.saturation, gen, dev)[:, None, None, None]
+        gray = (x * _LUMA.to(x.device, x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        x = gray + (x - gray) * f
     return x.clamp_(0, 1), y
 
 
@@ -140,6 +153,8 @@ def elastic_field(
     scale = torch.tensor([2.0 / w, 2.0 / h], device=device)  # pixels -> normalised units (x, y)
     return d.permute(0, 2, 3, 1) * scale
 
+
+_LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601, the Y row below
 
 # RGB <-> YIQ: hue is the angle in the IQ plane, so a hue shift is a rotation there.
 _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])

@@ -67,6 +67,7 @@ class TrainConfig:
     warmup_epochs: float = 2.0
     loss: str = "dice_ce"  # dice_ce (cross-entropy + soft Dice) | ce (cross-entropy only)
     ema: float = 0.0  # decay of an exponential moving average of the weights (and BN statistics); 0 = off
+    deep_supervision: float = 0.0  # weight of the decoder side outputs' mean loss; 0 = off
     patience: int = 25  # epochs without a better validation Dice before stopping; 0 = never
     val_fraction: float = 0.1
     seed: int = 0  # weights, batch order and augmentation
@@ -187,7 +188,62 @@ def ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
 
 
-LOSSES = {"dice_ce": dice_ce_loss, "ce": ce_loss}
+def structure_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PraNet's "structure loss" (Fan et al., MICCAI 2020): boundary-weighted cross-entropy + weighted soft
+    IoU of the foreground classes. A pixel's weight is 1 + 5 |local mean of its class mask - mask| over a
+    31x31 window, so pixels near a boundary count up to six times. logits (B, K, H, W), target (B, H, W).
+    """
+    logits = logits.float()
+    k = logits.shape[1]
+    valid = (target != IGNORE).float()  # (B, H, W)
+    fg = F.one_hot(target.clamp_max(k - 1), k).permute(0, 3, 1, 2)[:, 1:].float() * valid[:, None]
+    weight = (1 + 5 * (F.avg_pool2d(fg, 31, stride=1, padding=15) - fg).abs().amax(1)) * valid  # (B, H, W)
+    ce = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none")  # 0 where ignored
+    wce = (weight * ce).sum((1, 2)) / weight.sum((1, 2)).clamp_min(1)
+    probs = logits.softmax(1)[:, 1:] * valid[:, None]
+    w = weight[:, None]
+    inter = (probs * fg * w).sum((2, 3))
+    union = ((probs + fg) * w).sum((2, 3))
+    wiou = 1 - (inter + 1) / (union - inter + 1)  # (B, K-1)
+    return (wce + wiou.mean(1)).mean()
+
+
+LOSSES = {"dice_ce": dice_ce_loss, "ce": ce_loss, "structure": structure_loss}
+
+
+class SideOutputs(torch.nn.Module):
+    """Deep supervision: a 1x1 head on the output of every decoder level but the last (which feeds the
+    model's own head), so that coarse levels are trained to segment too (Lee et al., "Deeply-Supervised
+    Nets", 2015; as in UNet++ and PraNet). Training only: the heads are not part of the bundle.
+
+    Forward hooks collect the decoder outputs during the model's forward; ``logits`` then returns each
+    level's logits upsampled to the input's size: a list of (B, K, H, W).
+    """
+
+    def __init__(self, model: UNet) -> None:
+        super().__init__()
+        cfg = model.config
+        widths = [cfg.base_width * 2**i for i in reversed(range(1, cfg.depth))]  # outputs of ups[:-1]
+        self.heads = torch.nn.ModuleList(torch.nn.Conv2d(w, cfg.num_classes, 1) for w in widths)
+        self._features: list[torch.Tensor] = []
+        for up in list(model.ups)[:-1]:
+            up.register_forward_hook(self._collect)
+
+    def _collect(self, module: torch.nn.Module, _inputs: Any, out: torch.Tensor) -> None:
+        if module.training:  # validation forwards (eval mode) leave nothing behind
+            self._features.append(out)
+
+    def logits(self, size: tuple[int, int]) -> list[torch.Tensor]:
+        feats, self._features = self._features, []
+        if not feats:  # no training-mode forward since the last call
+            return []
+        out: list[torch.Tensor] = []
+        for head, f in zip(self.heads, feats, strict=True):
+            y = head(f)  # (B, K, H_pad / 2^l, W_pad / 2^l)
+            factor = 2 ** (len(self.heads) - len(out))
+            y = F.interpolate(y, scale_factor=factor, mode="bilinear", align_corners=False)
+            out.append(y[..., : size[0], : size[1]])
+        return out
 
 
 class Progress:
@@ -331,12 +387,15 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
     model = UNet(cfg.architecture()).to(device)
     if device.type == "cuda" or dtype == torch.bfloat16:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # With --ema, validation, the best checkpoint and the exported bundle use the averaged weights.
     ema = None
     if cfg.ema:
         ema_fn = get_ema_multi_avg_fn(cfg.ema)  # type: ignore[no-untyped-call]
         ema = AveragedModel(model, multi_avg_fn=ema_fn, use_buffers=True)
+    # Made after the average's copy of the model, so that copy carries no hooks.
+    side = SideOutputs(model).to(device) if cfg.deep_supervision else None
+    params = list(model.parameters()) + (list(side.parameters()) if side is not None else [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_train = len(data.train_x)
     steps = cfg.steps_per_epoch or max(1, n_train // cfg.batch_size)
     total_steps = steps * cfg.epochs
@@ -364,6 +423,10 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
             if "ema" not in ckpt:
                 raise ValueError(f"{ckpt_path} was written without --ema; use a new --run-dir")
             ema.load_state_dict(ckpt["ema"])
+        if side is not None:
+            if "side" not in ckpt:
+                raise ValueError(f"{ckpt_path} was written without --deep-supervision; use a new --run-dir")
+            side.load_state_dict(ckpt["side"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         gen_order.set_state(ckpt["gen_order"].cpu())
@@ -426,7 +489,10 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 logits = model(x)
+                sides = side.logits((yl.shape[-2], yl.shape[-1])) if side is not None else []
             loss = loss_fn(logits, yl)
+            if sides:
+                loss = loss + cfg.deep_supervision * torch.stack([loss_fn(o, yl) for o in sides]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             if state["step"] < cfg.grad_log_steps:
@@ -473,6 +539,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
             {
                 "model": model.state_dict(),
                 **({"ema": ema.state_dict()} if ema is not None else {}),
+                **({"side": side.state_dict()} if side is not None else {}),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "gen_order": gen_order.get_state(),
@@ -543,6 +610,7 @@ def export(cfg: TrainConfig, data: Data, state: dict[str, Any], device: torch.de
         "lr": cfg.lr,
         "loss": cfg.loss,
         **({"ema": cfg.ema} if cfg.ema else {}),
+        **({"deep_supervision": cfg.deep_supervision} if cfg.deep_supervision else {}),
         "augment": asdict(cfg.augment),
         "precision": str(pick_dtype(cfg.precision, device)).removeprefix("torch."),
         "hardware": hardware(device),
@@ -617,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--loss",
         choices=sorted(LOSSES),
         default="dice_ce",
-        help="dice_ce: cross-entropy + soft Dice of the foreground classes; ce: cross-entropy only",
+        help="dice_ce: cross-entropy + soft Dice of the foreground classes; ce: cross-entropy only; "
+        "structure: boundary-weighted cross-entropy + weighted soft IoU (PraNet)",
     )
     p.add_argument(
         "--ema",
@@ -625,6 +694,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="DECAY",
         help="validate and export an exponential moving average of the weights, e.g. 0.99 (0 = off)",
+    )
+    p.add_argument(
+        "--deep-supervision",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="add W x the mean loss of 1x1 side outputs on the coarser decoder levels (training only; 0 = off)",
     )
     p.add_argument("--patience", type=int, default=25)
     p.add_argument("--val-fraction", type=float, default=0.1)
@@ -646,6 +722,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="random zoom range (1,1 = off: keeps structures at their native size in pixels)",
     )
     p.add_argument("--rotate", type=float, default=15.0, metavar="DEG", help="random rotation within +-DEG")
+    p.add_argument("--shear", type=float, default=0.0, metavar="DEG", help="random shear within +-DEG (0 = off)")
+    p.add_argument("--brightness", type=float, default=0.2, metavar="F", help="brightness factor within 1 +- F")
+    p.add_argument("--contrast", type=float, default=0.2, metavar="F", help="contrast factor within 1 +- F")
+    p.add_argument("--hue", type=float, default=10.0, metavar="DEG", help="hue rotation within +-DEG (RGB)")
+    p.add_argument(
+        "--saturation", type=float, default=0.0, metavar="F", help="saturation factor within 1 +- F (RGB; 0 = off)"
+    )
     p.add_argument(
         "--elastic",
         type=float,
@@ -690,8 +773,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise SystemExit(f"--colors names {len(colors)} colors for {len(classes)} classes")
     if not 0 <= args.ema < 1:
         raise SystemExit(f"--ema takes a decay in [0, 1), got {args.ema}")
-    if args.elastic < 0 or args.rotate < 0:
-        raise SystemExit("--elastic and --rotate take sizes >= 0")
+    if min(args.elastic, args.rotate, args.shear, args.hue, args.deep_supervision) < 0:
+        raise SystemExit("--elastic, --rotate, --shear, --hue and --deep-supervision take values >= 0")
+    if not 0 <= args.shear < 90:
+        raise SystemExit(f"--shear takes degrees in [0, 90), got {args.shear}")
+    for flag in ("brightness", "contrast", "saturation"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag} takes a fraction in [0, 1), got {getattr(args, flag)}")
     if not 0 <= args.border_crops <= 1:
         raise SystemExit(f"--border-crops takes a probability in [0, 1], got {args.border_crops}")
     return TrainConfig(
@@ -720,6 +808,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         warmup_epochs=args.warmup_epochs,
         loss=args.loss,
         ema=args.ema,
+        deep_supervision=args.deep_supervision,
         patience=args.patience,
         val_fraction=args.val_fraction,
         seed=args.seed,
@@ -738,6 +827,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         augment=AugmentConfig(
             scale=parse_scale(args.scale),
             rotate_deg=args.rotate,
+            shear_deg=args.shear,
+            brightness=args.brightness,
+            contrast=args.contrast,
+            hue_deg=args.hue,
+            saturation=args.saturation,
             elastic_px=args.elastic,
             border_crops=args.border_crops,
         ),

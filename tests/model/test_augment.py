@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -98,3 +100,41 @@ def test_elastic_deformation_moves_image_and_mask_together() -> None:
     assert ((xa[:, 0] > 0.5).long() == ya).float().mean() > 0.95
     off = AugmentConfig(flip=False, rot90=False, scale=(1.0, 1.0), rotate_deg=0, brightness=0, contrast=0, hue_deg=0)
     assert torch.equal(augment(x, y, off, torch.Generator().manual_seed(3))[1], y)  # identity when all off
+
+
+_GEOMETRY_ONLY = dict(
+    flip=False, rot90=False, scale=(1.0, 1.0), rotate_deg=0.0, brightness=0.0, contrast=0.0, hue_deg=0.0
+)
+
+
+def test_shear_slants_a_vertical_bar_in_image_and_mask_alike() -> None:
+    x = torch.zeros(8, 3, 64, 64)
+    x[..., 28:36] = 1.0  # a vertical bar
+    y = (x[:, 0] > 0.5).long()
+    xa, ya = augment(x, y, AugmentConfig(**_GEOMETRY_ONLY, shear_deg=30.0), torch.Generator().manual_seed(0))  # type: ignore[arg-type]
+    cols = torch.arange(64, dtype=torch.float)
+
+    def centre(rows: torch.Tensor) -> torch.Tensor:  # (B, R, W) mask rows -> (B,) mean column of the bar
+        w = rows.float().sum(1)
+        return (w * cols).sum(1) / w.sum(1)
+
+    slant = centre(ya[:, 48:56]) - centre(ya[:, 8:16])  # bottom minus top
+    assert float(slant.abs().min()) > 1.0  # every sample is slanted, by its own angle
+    assert float(slant.abs().max()) < 40 * math.tan(math.radians(30)) + 1  # never beyond the range
+    assert ((xa[:, 0] > 0.5).long() == ya).float().mean() > 0.98
+
+
+def test_saturation_scales_chroma_and_keeps_luma_and_gray() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 16, 16, generator=g) * 0.6 + 0.2
+    y = torch.zeros(6, 16, 16, dtype=torch.long)
+    cfg = AugmentConfig(**_GEOMETRY_ONLY, saturation=0.5)  # type: ignore[arg-type]
+    xa, _ = augment(x, y, cfg, torch.Generator().manual_seed(1))
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    assert torch.allclose((xa * luma).sum(1), (x * luma).sum(1), atol=1e-5)
+    chroma = lambda t: (t - (t * luma).sum(1, keepdim=True)).abs().mean((1, 2, 3))  # noqa: E731
+    ratio = chroma(xa) / chroma(x)
+    assert float(ratio.min()) >= 0.5 - 1e-4 and float(ratio.max()) <= 1.5 + 1e-4
+    assert float(ratio.max() - ratio.min()) > 0.1  # a factor per sample
+    gray = x[:, :1].repeat(1, 3, 1, 1)
+    assert torch.allclose(augment(gray, y, cfg, torch.Generator().manual_seed(1))[0], gray, atol=1e-5)

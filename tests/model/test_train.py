@@ -10,7 +10,17 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from model.bundle import load_bundle
-from model.train import TrainConfig, ce_loss, dice_ce_loss, load_data, lr_factor, main, train
+from model.train import (
+    SideOutputs,
+    TrainConfig,
+    ce_loss,
+    dice_ce_loss,
+    load_data,
+    lr_factor,
+    main,
+    structure_loss,
+    train,
+)
 from tests.model.synthetic import config, write_disc_dataset
 
 CPU = torch.device("cpu")
@@ -45,14 +55,15 @@ def test_a_short_run_learns_the_discs(tmp_path: Path) -> None:
     assert load_bundle(tmp_path / "run" / "bundle").card.metrics["val_dice"] > 0.6
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.8])
-def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path: Path, ema: float) -> None:
+@pytest.mark.parametrize(("ema", "deep"), [(0.0, 0.0), (0.8, 0.0), (0.0, 0.5)])
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path: Path, ema: float, deep: float) -> None:
     data = write_disc_dataset(tmp_path / "data")
-    train(config(tmp_path, data, run="straight", ema=ema), log=False)
-    paused = train(config(tmp_path, data, run="split", ema=ema), max_epochs_this_run=2, log=False)
+    kw = dict(ema=ema, deep_supervision=deep, depth=3)
+    train(config(tmp_path, data, run="straight", **kw), log=False)
+    paused = train(config(tmp_path, data, run="split", **kw), max_epochs_this_run=2, log=False)
     assert paused["stop"] == "paused" and paused["epoch"] == 2
     assert not (tmp_path / "split" / "bundle").exists()
-    train(config(tmp_path, data, run="split", ema=ema), resume=True, log=False)
+    train(config(tmp_path, data, run="split", **kw), resume=True, log=False)
     a = load_file(str(tmp_path / "straight" / "bundle" / "model.safetensors"))
     b = load_file(str(tmp_path / "split" / "bundle" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -158,6 +169,54 @@ def test_loss_and_schedule() -> None:
     assert lr_factor(100, 10, 100) == pytest.approx(0.01)
 
 
+def test_structure_loss_weights_boundary_errors_more() -> None:
+    target = torch.zeros(1, 64, 64, dtype=torch.long)
+    target[0, 8:56, 8:56] = 1
+    perfect = torch.stack([(target == 0).float(), (target == 1).float()], 1) * 20
+    assert float(structure_loss(perfect, target)) < 0.01
+    assert float(structure_loss(-perfect, target)) > 1.5
+    ignored = target.clone()
+    ignored[0, :4] = 255
+    assert torch.isfinite(structure_loss(perfect, ignored))
+
+    def wrong(rows: slice, cols: slice) -> float:  # the same 16 pixels predicted wrongly
+        logits = perfect.clone()
+        logits[:, :, rows, cols] = logits[:, :, rows, cols].flip(1)
+        return float(structure_loss(logits, target))
+
+    at_edge, deep_inside = wrong(slice(8, 12), slice(30, 34)), wrong(slice(30, 34), slice(30, 34))
+    assert at_edge > 1.5 * deep_inside
+
+
+def test_side_outputs_give_full_size_logits_and_train() -> None:
+    from model.unet import UNet, UNetConfig
+
+    model = UNet(UNetConfig(base_width=4, depth=3))
+    side = SideOutputs(model)
+    x = torch.randn(2, 3, 37, 29)  # not a multiple of 8: the model pads, the side outputs crop
+    model(x)
+    outs = side.logits((37, 29))
+    assert [tuple(o.shape) for o in outs] == [(2, 2, 37, 29)] * 2
+    sum(o.mean() for o in outs).backward()  # type: ignore[union-attr]
+    assert all(h.weight.grad is not None for h in side.heads)
+    assert model.first_layer.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert side.logits((37, 29)) == []  # eval forwards leave nothing behind
+
+
+def test_deep_supervision_reaches_the_training_step(tmp_path: Path) -> None:
+    data = write_disc_dataset(tmp_path / "data")
+    first = {}
+    for w in (0.0, 1.0):
+        run = f"ds{w}"
+        train(config(tmp_path, data, run=run, deep_supervision=w, depth=3, epochs=1, steps_per_epoch=1), log=False)
+        first[w] = json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
+    assert first[1.0] > first[0.0] + 0.5  # the side outputs' loss is added (an untrained head is far off)
+    assert load_bundle(tmp_path / "ds1.0" / "bundle").card.training["deep_supervision"] == 1.0
+
+
 def test_the_loss_flag_reaches_the_training_step(tmp_path: Path) -> None:
     data = write_disc_dataset(tmp_path / "data")
     first = {}
@@ -257,6 +316,11 @@ def test_ema_exports_the_averaged_weights(tmp_path: Path) -> None:
         (["--ema", "-0.5"], "--ema"),
         (["--elastic", "-1"], "--elastic"),
         (["--border-crops", "1.5"], "--border-crops"),
+        (["--shear", "90"], "--shear"),
+        (["--shear", "-5"], "--shear"),
+        (["--saturation", "1"], "--saturation"),
+        (["--brightness", "-0.1"], "--brightness"),
+        (["--deep-supervision", "-1"], "--deep-supervision"),
     ],
 )
 def test_bad_augmentation_flags_are_refused(tmp_path: Path, flags: list[str], message: str) -> None:
