@@ -5,9 +5,10 @@
 #
 # DATASETS_DIR holds kvasir_seg/, dsb2018_nuclei/ and isbi2012_em_membrane/ (images/ + masks/ each).
 # Runs go to $RUNS (default runs/); an interrupted run continues where it stopped when started again.
-# Polyp trains in two stages: the second fine-tunes the first stage's bundle with a fresh schedule
-# (--init). Each model's bundle is written to $RUNS/RUN/bundle (RUN = its last stage: polyp-2, nuclei,
-# membrane-v1.3): copy one into weights/ only when it beats the shipped one.
+# `polyp-1.1` re-creates polyp 1.1.0 in two stages (the second fine-tunes the first stage's bundle with a
+# fresh schedule, --init); `polyp` trains version 2 from scratch. Each model's bundle is written to
+# $RUNS/RUN/bundle (RUN = its last stage: polyp-v2, polyp-2, nuclei, membrane-v1.3): copy one into
+# weights/ only when it beats the shipped one.
 # Extra flags for every run (e.g. --device cuda, --threads 1) come from $TRAIN_FLAGS.
 set -euo pipefail
 data=${1:?usage: scripts/train-shipped.sh DATASETS_DIR [NAME ...]}
@@ -32,18 +33,27 @@ run() {
 
 for name in "${names[@]}"; do
   case $name in
-    polyp)
+    polyp | polyp-1.1)
       common=(--data "$data/kvasir_seg" --mask binary:127 --classes background,polyp --colors 000000,ff3b30
-        --sizing resize --size 224 --base-width 24 --batch-size 8 --patience 0
+        --sizing resize --base-width 24 --batch-size 8 --patience 0
         --description "Colorectal polyps in colonoscopy frames (binary)."
         --dataset-name "Kvasir-SEG" --dataset-url "https://datasets.simula.no/kvasir-seg/"
         --dataset-license "research and educational use; commercial use needs the authors' permission (the images also ship in HyperKvasir under CC BY 4.0)"
         --dataset-citation "Jha et al., Kvasir-SEG: A Segmented Polyp Dataset, MMM 2020")
-      # The shipped stage 1 was stopped after 27 of its 36 epochs and exported with --export.
-      run polyp polyp "${common[@]}" --epochs 36 --lr 2e-3
-      # The shipped stage 2 (version 1.1.0) was stopped after 49 of its 56 epochs and exported likewise.
-      run polyp-2 polyp "${common[@]}" --epochs 56 --lr 1e-3 --warmup-epochs 1 --init "$runs/polyp/bundle" \
-        --version 1.1.0 ;;
+      if [ "$name" = polyp-1.1 ]; then
+        # Version 1.1.0, two stages at 224 px. The shipped stage 1 was stopped after 27 of its 36 epochs
+        # and exported with --export; stage 2 was stopped after 49 of its 56 epochs and exported likewise.
+        run polyp polyp "${common[@]}" --size 224 --epochs 36 --lr 2e-3
+        run polyp-2 polyp "${common[@]}" --size 224 --epochs 56 --lr 1e-3 --warmup-epochs 1 \
+          --init "$runs/polyp/bundle" --version 1.1.0
+      else
+        # Version 2: from scratch at 352 px (the resolution strong Kvasir-SEG results train and test at),
+        # heavy geometric and colour augmentation (zoom 0.5-1.5, any rotation, shear, brightness, contrast
+        # and saturation), deep supervision of the decoder levels and a moving average of the weights.
+        run polyp-v2 polyp "${common[@]}" --size 352 --epochs 80 --lr 2e-3 --scale 0.5,1.5 --rotate 180 \
+          --shear 22 --brightness 0.3 --contrast 0.3 --saturation 0.3 --deep-supervision 0.5 --ema 0.995 \
+          --version 2.0.0
+      fi ;;
     nuclei)
       run nuclei nuclei --data "$data/dsb2018_nuclei" --mask binary:127 --classes background,nucleus --colors 000000,34c759 \
         --sizing tile --size 256 --base-width 24 --epochs 24 --steps-per-epoch 50 --batch-size 8 --lr 2e-3 --patience 0 \
