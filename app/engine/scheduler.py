@@ -1,95 +1,43 @@
-"""The only place where requests meet torch: device, precision, queueing, dynamic batching, threads.
+"""One model's workers: admission, fair dynamic batching across jobs, cancellation and worker health.
 
-One ``ModelEngine`` per loaded model owns a worker thread and a bounded queue of jobs. A job is one
-request's inputs: one resized image, or all the tiles of a large image. The worker collects inputs from
-the queued jobs until it has ``max_batch`` of them or ``max_wait`` has passed since the first, groups them
-by input shape, runs one forward pass per group, and hands each job its own slice of the logits.
-With ``streams`` > 1, that many workers take jobs from the same queue and run their forward passes at
-once; on the CPU each gets its share of the torch threads (under load, two single-thread forward passes
-get more done than one two-thread pass, whose threads wait for each other at every operation).
+A job is one request's inputs (``Work``): one resized image, or the tiles of a large image, made as they
+are batched. Each batch is formed when a worker is free:
 
-- A full queue raises ``Overloaded`` (503 with Retry-After) at once: no request waits unboundedly.
-- A batch that fails is retried item by item, so a failing input fails only its own request.
-- A cancelled job (its request timed out or went away) is skipped.
-- ``stop()`` refuses new jobs and finishes every job already queued before the thread exits.
+- **No batching tax.** A worker takes what is waiting at once. It waits (up to ``max_wait``, counted from
+  the oldest waiting input) only when requests have lately been arriving faster than that, so that a
+  lone request starts immediately and a busy model gathers what queued while it ran.
+- **Fair.** A job that has not started yet goes first (oldest first), then jobs by when they were last
+  served; the batch takes inputs round-robin from every job of the same input shape. A small request
+  behind any number of large tiled jobs is in the next batch. A started job passed over for two batches
+  in a row goes before new ones, so a stream of small requests cannot starve a large one.
+- **Dead jobs go at once.** A job whose future is cancelled (its request timed out or the client went
+  away) or that failed leaves the queue at that moment, frees its slot, and its remaining inputs are
+  never made or run.
+- **Failures stay local.** A batch that fails is retried input by input, so a failing input fails only
+  its own request (500). An exception anywhere else in a worker fails the jobs of the batch it was
+  forming or running and the worker carries on; a worker that ends anyway (a ``BaseException``) fails
+  every job and marks the model unhealthy, which ``/readyz`` reports.
+- ``stop()`` refuses new jobs and finishes every job already queued before the workers exit.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import queue
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from app.errors import InferenceFailed, Overloaded, RequestTimeout, UnknownModel
-from model.bundle import DTYPES, Bundle, Card, discover, load_bundle
-from model.inference import Plan, finish, make_plan
+from app.engine.device import input_shapes, new_stream, on_stream, stream_threads, warmup_batches
+from app.engine.work import TensorWork, Work
+from app.errors import InferenceFailed, NotReady, Overloaded
+from model.bundle import Bundle
 
 log = logging.getLogger("unetseg.engine")
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda when available, else cpu; otherwise the named device (checked to exist)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} was requested but CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
-    elif device.type != "cpu":
-        raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
-    return device
-
-
-def stream_threads(streams: int, device_type: str = "cpu") -> int:
-    """Torch threads for each of ``streams`` CPU workers: an equal share of torch's threads, at least one.
-
-    0 (leave the thread count alone) for a single worker or a device other than the CPU.
-    """
-    if streams <= 1 or device_type != "cpu":
-        return 0
-    return max(1, torch.get_num_threads() // streams)
-
-
-def device_supports(dtype: torch.dtype, device: torch.device) -> bool:
-    if dtype == torch.float32:
-        return True
-    if device.type == "cuda":
-        return dtype == torch.float16 or torch.cuda.is_bf16_supported()
-    if dtype == torch.bfloat16:
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False  # float16 autocast on CPU is slow and not what cards are checked for
-
-
-def resolve_dtype(setting: str, card: Card, device: torch.device) -> torch.dtype:
-    """The inference dtype: the setting when explicit, else the card's first precision the device supports."""
-    if setting != "auto":
-        dtype = DTYPES[setting]
-        if not device_supports(dtype, device):
-            raise ValueError(f"precision {setting} is not supported on {device}")
-        return dtype
-    for name in card.precisions:
-        if device_supports(DTYPES[name], device):
-            return DTYPES[name]
-    return torch.float32
 
 
 @dataclass
@@ -99,23 +47,25 @@ class Timing:
 
 
 @dataclass(eq=False)  # identity comparison: jobs hold tensors
-class _Job:
-    inputs: torch.Tensor  # (N, C, h, w) float32 on the CPU
-    future: concurrent.futures.Future[tuple[torch.Tensor, Timing]]
+class Job:
+    work: Work
+    future: concurrent.futures.Future[Timing]
     enqueued: float
-    outputs: torch.Tensor | None = None  # (N, K, h, w) float32, filled batch by batch
-    scheduled: int = 0
-    done: int = 0
+    scheduled: int = 0  # inputs handed to a batch
+    done: int = 0  # inputs whose logits are in
     started: float | None = None
+    last_served: float = 0.0
+    passed_over: int = 0  # batches in a row this job had inputs left but got none
     model_s: float = 0.0
-    failed: bool = False
+    finished: bool = False  # delivered, failed or cancelled: never touched again
 
     @property
     def size(self) -> int:
-        return int(self.inputs.shape[0])
+        return self.work.size
 
-
-_STOP = object()
+    @property
+    def remaining(self) -> int:
+        return self.work.size - self.scheduled
 
 
 @dataclass
@@ -124,6 +74,10 @@ class EngineStats:
     items: int = 0
     rejected: int = 0
     failed: int = 0
+    worker_errors: int = 0  # exceptions outside a forward pass, survived
+
+
+Batch = list[tuple[Job, int]]
 
 
 class ModelEngine:
@@ -146,6 +100,8 @@ class ModelEngine:
         self.dtype = dtype
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.queue_size = queue_size
+        self.compiled = compile
         self.channels_last = device.type == "cuda" or dtype != torch.float32
         t0 = time.perf_counter()
         model = bundle.model.to(device).eval()
@@ -153,8 +109,13 @@ class ModelEngine:
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.model: Callable[[torch.Tensor], torch.Tensor] = torch.compile(model) if compile else model
         self.to_device_s = time.perf_counter() - t0
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
+        self._jobs: list[Job] = []  # admitted and not finished, in arrival order
+        self._cond = threading.Condition()
         self._closed = False
+        self._arrival_gap = float("inf")  # moving average of the time between submissions
+        self._last_arrival = 0.0
+        self.item_s = 0.0  # moving average of the model time per input, for Retry-After
+        self.failure: str | None = None  # why a worker ended, when one did
         self.streams = streams
         # On the CPU several streams share the cores: each worker runs its forward passes on its share.
         self.threads_per_stream = stream_threads(streams, device.type)
@@ -174,251 +135,261 @@ class ModelEngine:
             t.start()
 
     def warmup(self) -> None:
-        """Run the shapes the service will see (batch 1 and a full batch) once, before reporting ready."""
-        p = self.card.input
+        """Run every input shape the policy can produce at batch 1 and a full batch, before reporting ready."""
         t0 = time.perf_counter()
-        for n in sorted({1, self.max_batch}):
-            x = torch.zeros(n, p.channels, p.size, p.size)
-            self._forward(x)
+        for c, h, w in input_shapes(self.card.input):
+            for n in warmup_batches(self.max_batch):
+                self._forward(torch.zeros(n, c, h, w), dynamic=n > 1)
         self.load_s += time.perf_counter() - t0
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        """Jobs admitted whose first input has not reached the model yet."""
+        with self._cond:
+            return sum(1 for j in self._jobs if j.started is None)
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs admitted and not finished (waiting or partly run)."""
+        with self._cond:
+            return len(self._jobs)
+
+    @property
+    def healthy(self) -> bool:
+        return self.failure is None
+
+    def pending_s(self) -> float:
+        """A guess at the seconds until what is admitted now has run (for Retry-After)."""
+        with self._cond:
+            items = sum(j.remaining for j in self._jobs)
+        return items * self.item_s / self.streams
 
     def submit(self, inputs: torch.Tensor) -> concurrent.futures.Future[tuple[torch.Tensor, Timing]]:
-        """Queue a job; its future gives (logits (N, K, h, w) float32 CPU, timing)."""
+        """Queue (N, C, h, w) inputs; the future gives (logits (N, K, h, w) float32 CPU, timing)."""
+        work = TensorWork(inputs)
+        result: concurrent.futures.Future[tuple[torch.Tensor, Timing]] = concurrent.futures.Future()
+        inner = self.submit_work(work)
+
+        def relay(f: concurrent.futures.Future[Timing]) -> None:
+            if f.cancelled():
+                result.cancel()
+            elif (exc := f.exception()) is not None:
+                result.set_exception(exc)
+            else:
+                assert work.outputs is not None
+                result.set_result((work.outputs, f.result()))
+
+        def cancel_inner(f: concurrent.futures.Future[tuple[torch.Tensor, Timing]]) -> None:
+            if f.cancelled():
+                inner.cancel()
+
+        result.add_done_callback(cancel_inner)
+        inner.add_done_callback(relay)
+        return result
+
+    def submit_work(self, work: Work) -> concurrent.futures.Future[Timing]:
+        """Queue a job; its future gives its timing once every input's logits went to ``work.put``.
+
+        Cancelling the future drops the job at once: its slot is free and its remaining inputs never run.
+        """
         if self._closed:
             raise Overloaded("the service is shutting down", retry_after_s=5)
-        fut: concurrent.futures.Future[tuple[torch.Tensor, Timing]] = concurrent.futures.Future()
-        try:
-            self._queue.put_nowait(_Job(inputs, fut, time.perf_counter()))
-        except queue.Full:
-            self.stats.rejected += 1
-            raise Overloaded(f"model {self.name!r} has {self._queue.maxsize} requests waiting; retry shortly") from None
+        if self.failure is not None:
+            raise NotReady(f"model {self.name!r} is not serving: {self.failure}")
+        fut: concurrent.futures.Future[Timing] = concurrent.futures.Future()
+        now = time.perf_counter()
+        job = Job(work, fut, now, last_served=now)
+        with self._cond:
+            if sum(1 for j in self._jobs if j.started is None) >= self.queue_size:
+                self.stats.rejected += 1
+                raise Overloaded(f"model {self.name!r} has {self.queue_size} requests waiting; retry shortly")
+            if self._last_arrival:
+                self._arrival_gap = min(self._arrival_gap, 1.0) * 0.8 + (now - self._last_arrival) * 0.2
+            self._last_arrival = now
+            self._jobs.append(job)
+            self._cond.notify()
+        fut.add_done_callback(lambda f: self._drop(job) if f.cancelled() else None)
         return fut
 
     def stop(self, timeout: float | None = None) -> None:
-        """Refuse new work, finish what is queued, and end the worker thread."""
-        if self._closed:
-            return
-        self._closed = True
-        alive = [t for t in self._threads if t.is_alive()]
-        if alive:
-            self._queue.put(_STOP)  # passed on from worker to worker: each drains the queue, then exits
-        for t in alive:
-            t.join(timeout)
+        """Refuse new work, finish what is queued, and end the workers."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        for t in self._threads:
+            if t.is_alive():
+                t.join(timeout)
+
+    # --- bookkeeping -----------------------------------------------------------------------------
+
+    def _drop(self, job: Job) -> None:
+        """Take a job out of the queue at once (cancelled, failed or done)."""
+        with self._cond:
+            job.finished = True
+            with contextlib.suppress(ValueError):
+                self._jobs.remove(job)
+            self._cond.notify_all()
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        with self._stats_lock:
+            self.stats.failed += 1
+        self._drop(job)
+        with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
+            job.future.set_exception(exc if isinstance(exc, InferenceFailed) else self._failed(exc))
+
+    @staticmethod
+    def _failed(exc: BaseException) -> InferenceFailed:
+        return InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}")
+
+    # --- scheduling ------------------------------------------------------------------------------
+
+    def _next_batch(self) -> Batch | None:
+        """Block until there is work; form a fair batch. None: stop (closed and nothing left)."""
+        with self._cond:
+            while True:
+                ready = [j for j in self._jobs if j.remaining > 0]
+                if not ready:
+                    if self._closed and not self._jobs:
+                        return None
+                    self._cond.wait(0.5 if self._closed else None)
+                    continue
+                waiting = sum(j.remaining for j in ready)
+                if not self._closed and waiting < self.max_batch and self._arrival_gap < self.max_wait_s / 2:
+                    # Requests are arriving fast: a few ms may fill the batch.
+                    deadline = min(j.enqueued for j in ready) + self.max_wait_s
+                    left = deadline - time.perf_counter()
+                    if left > 0 and self._cond.wait(left):
+                        continue  # something changed: look again (the deadline stays the oldest's)
+                return self._form_batch([j for j in self._jobs if j.remaining > 0])
+
+    def _form_batch(self, ready: list[Job]) -> Batch:
+        """(Called under the lock.) Choose the batch's shape by priority, then fill it round-robin."""
+
+        def priority(j: Job) -> tuple[int, float]:
+            if j.started is not None and j.passed_over >= 2:
+                return (0, j.last_served)
+            return (1, j.enqueued) if j.started is None else (2, j.last_served)
+
+        ready.sort(key=priority)
+        shape = ready[0].work.shape
+        members = [j for j in ready if j.work.shape == shape]
+        batch: Batch = []
+        while len(batch) < self.max_batch:
+            progressed = False
+            for job in members:
+                if job.remaining > 0 and len(batch) < self.max_batch:
+                    batch.append((job, job.scheduled))
+                    job.scheduled += 1
+                    progressed = True
+            if not progressed:
+                break
+        now = time.perf_counter()
+        served = {id(j) for j, _ in batch}
+        for job in ready:
+            if id(job) in served:
+                job.passed_over = 0
+                job.last_served = now
+                if job.started is None:
+                    job.started = now
+            elif job.started is not None:
+                job.passed_over += 1
+        return batch
 
     # --- worker ----------------------------------------------------------------------------------
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) CPU float32 -> (B, K, h, w) CPU float32."""
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
-            y = self.model(x)
-        return y.float().cpu()
+    def _forward(self, x: torch.Tensor, dynamic: bool = False, stream: torch.cuda.Stream | None = None) -> torch.Tensor:
+        """(B, C, h, w) CPU float32 -> (B, K, h, w) CPU float32, on ``stream`` when given (CUDA)."""
+        with on_stream(stream):
+            if self.device.type == "cuda":
+                x = x.pin_memory().to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if dynamic and self.compiled:
+                torch._dynamo.mark_dynamic(x, 0)  # one graph for every batch size above 1
+            with (
+                torch.inference_mode(),
+                torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32),
+            ):
+                y = self.model(x)
+            return y.float().cpu()  # waits for the stream's work
 
     def _run_stream(self) -> None:
         if self.threads_per_stream:
             torch.set_num_threads(self.threads_per_stream)
-        self._run()
-
-    def _run(self) -> None:
-        pending: deque[_Job] = deque()
-        stopping = False
-        while True:
-            if not pending:
-                if stopping and self._queue.empty():
-                    self._queue.put(_STOP)  # for the next worker (it stays behind when the last one exits)
-                    return
-                item = self._queue.get()
-                if item is _STOP:
-                    stopping = True
-                    continue
-                assert isinstance(item, _Job)
-                pending.append(item)
-            deadline = time.perf_counter() + self.max_wait_s
-            while sum(j.size - j.scheduled for j in pending) < self.max_batch:
-                try:
-                    if stopping:
-                        item = self._queue.get_nowait()
-                    else:
-                        item = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    continue
-                assert isinstance(item, _Job)
-                pending.append(item)
-            for job in [j for j in pending if j.future.cancelled()]:
-                pending.remove(job)
-            if not pending:
-                continue
-            self._run_batch(pending)
-            for job in [j for j in pending if j.scheduled == j.size]:
-                pending.remove(job)
-
-    def _run_batch(self, pending: deque[_Job]) -> None:
-        shape = pending[0].inputs.shape[1:]
-        batch: list[tuple[_Job, int]] = []
-        for job in pending:
-            if job.inputs.shape[1:] != shape:
-                continue
-            while job.scheduled < job.size and len(batch) < self.max_batch:
-                batch.append((job, job.scheduled))
-                job.scheduled += 1
-            if len(batch) == self.max_batch:
-                break
-        now = time.perf_counter()
-        for job, _ in batch:
-            if job.started is None:
-                job.started = now
-        x = torch.stack([job.inputs[i] for job, i in batch])
+        stream = new_stream(self.device)
         try:
-            out = self._forward(x)
-            elapsed = time.perf_counter() - now
-            with self._stats_lock:
-                self.stats.batches += 1
-                self.stats.items += len(batch)
-            if self.on_batch:
-                self.on_batch(self.name, len(batch))
-            for job in {id(j): j for j, _ in batch}.values():
-                job.model_s += elapsed
-            for (job, i), y in zip(batch, out, strict=True):
-                self._deliver(job, i, y)
+            while True:
+                batch: Batch = []
+                try:
+                    got = self._next_batch()
+                    if got is None:
+                        return
+                    batch = got
+                    self._run_batch(batch, stream)
+                except Exception as exc:  # a worker outlives any one batch: fail its jobs and carry on
+                    log.exception("engine worker of model %s failed outside a forward pass", self.name)
+                    with self._stats_lock:
+                        self.stats.worker_errors += 1
+                    for job in {id(j): j for j, _ in batch}.values():
+                        self._fail(job, exc)
+        except BaseException as exc:
+            self.failure = f"a worker of model {self.name!r} stopped: {type(exc).__name__}: {exc}"
+            log.critical("%s", self.failure)
+            with self._cond:
+                jobs = list(self._jobs)
+            for job in jobs:
+                self._fail(job, InferenceFailed(self.failure))
+            raise
+
+    def _run_batch(self, batch: Batch, stream: torch.cuda.Stream | None) -> None:
+        batch = [(j, i) for j, i in batch if not j.finished]
+        if not batch:
+            return
+        t0 = time.perf_counter()
+        try:
+            x = torch.stack([job.work.item(i) for job, i in batch])
+            out = self._forward(x, stream=stream)
         except Exception:
             log.exception("batch of %d failed on model %s; retrying its items one by one", len(batch), self.name)
             for job, i in batch:
-                t0 = time.perf_counter()
-                try:
-                    y = self._forward(job.inputs[i : i + 1])[0]
-                except Exception as exc:  # noqa: BLE001 - reported to that request only
-                    with self._stats_lock:
-                        self.stats.failed += 1
-                    job.failed = True
-                    with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
-                        job.future.set_exception(InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}"))
+                if job.finished:
                     continue
-                job.model_s += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                try:
+                    y = self._forward(job.work.item(i)[None], stream=stream)[0]
+                except Exception as exc:  # noqa: BLE001 - reported to that request only
+                    self._fail(job, exc)
+                    continue
+                with self._cond:
+                    job.model_s += time.perf_counter() - t1
                 self._deliver(job, i, y)
-
-    def _deliver(self, job: _Job, index: int, logits: torch.Tensor) -> None:
-        if job.failed:
             return
-        if job.outputs is None:
-            job.outputs = torch.empty((job.size, *logits.shape), dtype=logits.dtype)
-        job.outputs[index] = logits
-        job.done += 1
-        if job.done == job.size:
+        elapsed = time.perf_counter() - t0
+        with self._stats_lock:
+            self.stats.batches += 1
+            self.stats.items += len(batch)
+            per_item = elapsed / len(batch)
+            self.item_s = per_item if not self.item_s else 0.9 * self.item_s + 0.1 * per_item
+        if self.on_batch:
+            self.on_batch(self.name, len(batch))
+        with self._cond:
+            for job in {id(j): j for j, _ in batch}.values():
+                job.model_s += elapsed
+        for (job, i), y in zip(batch, out, strict=True):
+            self._deliver(job, i, y)
+
+    def _deliver(self, job: Job, index: int, logits: torch.Tensor) -> None:
+        if job.finished:
+            return
+        job.work.put(index, logits)
+        with self._cond:
+            job.done += 1
+            complete = job.done == job.size
+        if complete:
+            self._drop(job)
             assert job.started is not None
             timing = Timing(queue_s=job.started - job.enqueued, model_s=job.model_s)
             with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
-                job.future.set_result((job.outputs, timing))
-
-
-@dataclass
-class Segmentation:
-    mask: np.ndarray  # (H, W) uint8 class ids
-    model: str
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: prepare, queue, model (+ finish)
-
-
-class Engine:
-    """All loaded models and their workers; the service's single entry point into inference."""
-
-    def __init__(
-        self,
-        bundles: Iterable[Bundle],
-        device: torch.device,
-        precision: str = "auto",
-        max_batch: int = 8,
-        max_wait_s: float = 0.005,
-        queue_size: int = 64,
-        compile: bool = False,
-        default_model: str | None = None,
-        streams: int = 1,
-    ) -> None:
-        self.device = device
-        self.models: dict[str, ModelEngine] = {}
-        for b in bundles:
-            if b.card.name in self.models:
-                raise ValueError(f"two bundles are named {b.card.name!r} ({b.path})")
-            dtype = resolve_dtype(precision, b.card, device)
-            self.models[b.card.name] = ModelEngine(
-                b, device, dtype, max_batch, max_wait_s, queue_size, compile, streams
-            )
-        if not self.models:
-            raise ValueError("no model bundles to serve")
-        if default_model in self.models:
-            self.default_model = default_model
-        else:
-            self.default_model = next(iter(self.models))
-            if default_model:
-                log.warning("default model %r is not loaded; using %r", default_model, self.default_model)
-
-    @classmethod
-    def from_folder(cls, weights_dir: Path, device: torch.device, **kwargs: object) -> Engine:
-        bundles = [load_bundle(folder) for folder in discover(weights_dir)]
-        if not bundles:
-            raise ValueError(f"{weights_dir} holds no model bundle (a folder with card.json and model.safetensors)")
-        return cls(bundles, device, **kwargs)  # type: ignore[arg-type]
-
-    def start(self, warmup: bool = True) -> None:
-        for m in self.models.values():
-            if warmup:
-                m.warmup()
-            m.start()
-
-    def stop(self, timeout: float | None = None) -> None:
-        for m in self.models.values():
-            m.stop(timeout)
-
-    def get(self, name: str | None) -> ModelEngine:
-        key = name or self.default_model
-        try:
-            return self.models[key]
-        except KeyError:
-            raise UnknownModel(f"unknown model {key!r}; available: {', '.join(sorted(self.models))}") from None
-
-    async def segment(
-        self,
-        name: str | None,
-        image: np.ndarray,
-        executor: concurrent.futures.Executor | None = None,
-        timeout_s: float | None = None,
-        size: tuple[int, int] | None = None,
-    ) -> Segmentation:
-        """Segment an (H, W[, C]) uint8 image, already in the model's channels, off the event loop.
-
-        ``size``: the (height, width) of the mask when ``image`` is a reduced copy (see ``make_plan``).
-        """
-        engine = self.get(name)
-        loop = asyncio.get_running_loop()
-        t0 = time.perf_counter()
-        plan: Plan = await loop.run_in_executor(executor, make_plan, image, engine.card.input, size)
-        prepare_s = time.perf_counter() - t0
-        fut = engine.submit(plan.inputs)
-        try:
-            logits, timing = await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s)
-        except TimeoutError:
-            raise RequestTimeout(f"the prediction did not finish within {timeout_s:g} s") from None
-        t0 = time.perf_counter()
-        mask = await loop.run_in_executor(executor, finish, plan, logits)
-        model_s = timing.model_s + time.perf_counter() - t0
-        return Segmentation(mask, engine.name, {"prepare": prepare_s, "queue": timing.queue_s, "model": model_s})
-
-    def segment_sync(self, name: str | None, image: np.ndarray) -> Segmentation:
-        """The same pipeline without an event loop (for the CLI)."""
-        engine = self.get(name)
-        t0 = time.perf_counter()
-        plan = make_plan(image, engine.card.input)
-        prepare_s = time.perf_counter() - t0
-        logits, timing = engine.submit(plan.inputs).result()
-        t1 = time.perf_counter()
-        mask = finish(plan, logits)
-        model_s = timing.model_s + time.perf_counter() - t1
-        return Segmentation(mask, engine.name, {"prepare": prepare_s, "queue": timing.queue_s, "model": model_s})
+                job.future.set_result(timing)

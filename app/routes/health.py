@@ -25,13 +25,18 @@ def healthz() -> Status:
     "/readyz",
     summary="Readiness",
     response_model=Status,
-    description="200 once every model is loaded onto its device and warmed up; 503 before (or if loading failed).",
-    responses={503: {"model": Status, "description": "Models still loading, or start-up failed (see detail)."}},
+    description=(
+        "200 once every model is loaded onto its device and warmed up; 503 before, if loading failed, or once "
+        "a model's worker has stopped (see detail)."
+    ),
+    responses={
+        503: {"model": Status, "description": "Models still loading, start-up failed or a worker stopped (see detail)."}
+    },
 )
 def readyz(state: StateDep) -> Status | JSONResponse:
-    if state.ready.is_set():
+    failure = state.engine.failure() if state.engine is not None else None
+    if state.ready.is_set() and failure is None:
         return Status(status="ready")
-    status = "failed" if state.error else "loading"
-    return JSONResponse(
-        Status(status=status, detail=state.error).model_dump(), status_code=503, headers={"Retry-After": "1"}
-    )
+    error = failure or state.error
+    status = "failed" if error else "loading"
+    return JSONResponse(Status(status=status, detail=error).model_dump(), status_code=503, headers={"Retry-After": "1"})
