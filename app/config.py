@@ -18,6 +18,12 @@ class Settings(BaseSettings):
         Path("weights"), description="Folder of model bundles; every sub-folder with a card.json is served."
     )
     data_dir: Path = Field(Path("data"), description="Where uploads and their metadata database are kept.")
+    database_url: str = Field(
+        "", description="Upload metadata: postgresql://user:pw@host/db, sqlite:///path (empty: SQLite in the data dir)."
+    )
+    blob_url: str = Field(
+        "", description="Upload bytes: file:///path (a shared mount) or s3://bucket/prefix (empty: the data dir)."
+    )
     device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
     default_model: str = Field(
         "polyp", description="Model used when a request names none (falls back to the first loaded)."

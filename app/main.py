@@ -29,7 +29,7 @@ from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, RouteTemplates
 from app.routes import health, models, predict, uploads, web
 from app.state import AppState
-from app.store import UploadStore
+from app.store import open_store
 
 log = logging.getLogger("unetseg")
 
@@ -80,7 +80,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics: Metrics = app.state.metrics
     for m in state.engine.models.values():
         m.on_batch = metrics.observe_batch
-    state.store = UploadStore(s.data_dir, s.max_store_bytes, s.retention_s)
+    state.store = open_store(s)
     state.executor = concurrent.futures.ThreadPoolExecutor(s.io_threads or os.cpu_count() or 1, "unetseg-io")
     loader = threading.Thread(target=_start_engine, args=(state,), name="unetseg-warmup", daemon=True)
     loader.start()

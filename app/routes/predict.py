@@ -98,7 +98,8 @@ async def predict(
     if file is not None and upload_id is not None:
         raise InvalidRequest("send either 'file' or 'upload_id', not both")
     if upload_id is not None:
-        data = store.read(upload_id)
+        # In the executor: a lookup and a read of up to 20 MB block.
+        data = await asyncio.get_running_loop().run_in_executor(state.executor, store.read, upload_id)
         if data is None:
             raise UnknownUpload(f"no upload with id {upload_id!r}")
     else:

@@ -1,28 +1,47 @@
-"""Uploads on disk, content-addressed by SHA-256, with their metadata in SQLite (WAL).
+"""Uploads, content-addressed by SHA-256: the bytes in a blob store, their metadata in a database.
 
-Layout under ``data_dir``:
+One store, two halves chosen by URL (``open_store(settings)``):
 
-    uploads/ab/abcdef...    the uploaded bytes, named by their SHA-256
-    tmp/                    files being written; emptied at start-up
-    uploads.sqlite3         metadata: id, width, height, format, bytes, created_at
+- metadata (``UNETSEG_DATABASE_URL``): SQLite under the data folder (``sqlite.py``, the default) or
+  PostgreSQL (``postgres.py``) shared by every replica;
+- bytes (``UNETSEG_BLOB_URL``): a folder, local or on a shared mount (``files.py``, the default is the data
+  folder), or an S3 bucket and prefix (``s3.py``).
 
-A file is written to ``tmp/``, flushed and fsynced, renamed into place (atomic on POSIX), and only then
-is its row inserted. So a row always has its complete file; a crash can leave at most a file without a
-row, which start-up removes (its upload never got a reply). Eviction by quota and retention removes the
-row first, then the file.
+The guarantees are kept here, once, for every combination:
+
+- **Nothing half-written is visible.** A blob is *staged* (made durable where no reader looks: a synced
+  temporary file, or a complete S3 object that no row names yet), then *published* and its row inserted.
+  Readers find uploads through rows only, and a row is inserted only after its blob is published.
+- **Acknowledged means durable.** ``put`` returns once the blob is synced (or S3 answered) and the row's
+  transaction committed.
+- **One writer at a time, across replicas.** Every change to rows and the blobs they name (publish and
+  insert, delete, eviction, start-up reconciliation) runs inside ``Metadata.write()``: one transaction
+  holding a store-wide lock (SQLite's write lock, a PostgreSQL advisory lock). So the same bytes uploaded at
+  once by two replicas give one row, and a delete cannot remove a blob that a put has just published.
+- **Eviction is part of the put.** The insert and the eviction it causes are one transaction, and ``put``
+  returns the row it inserted; a concurrent put's eviction can remove that upload afterwards (the quota
+  says so), never make the put fail.
+- **Start-up reconciliation is safe with other replicas running**: staged blobs are removed only when their
+  writer is gone (files) or they are older than the backend's grace period (S3); rows whose blob is missing
+  are removed, under the lock.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import sqlite3
-import threading
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+if TYPE_CHECKING:
+    from app.config import Settings
 
 ID_RE = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline through
 
@@ -45,161 +64,261 @@ class StoreStats:
     retention_s: float  # 0 = kept forever
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def make_upload(uid: str, width: int, height: int, fmt: str, size: int, created_at: float) -> Upload:
+    return Upload(uid, int(width), int(height), fmt, int(size), datetime.fromtimestamp(created_at, UTC))
+
+
+class Rows(ABC):
+    """The metadata operations, inside one transaction (``Metadata.read()`` or ``Metadata.write()``)."""
+
+    @abstractmethod
+    def get(self, uid: str) -> Upload | None: ...
+
+    @abstractmethod
+    def recent(self, limit: int, offset: int) -> list[Upload]: ...
+
+    @abstractmethod
+    def totals(self) -> tuple[int, int]:
+        """(count, bytes) of every row."""
+
+    @abstractmethod
+    def ids(self) -> set[str]: ...
+
+    @abstractmethod
+    def insert(self, upload: Upload) -> bool:
+        """Insert unless the id is there; True if inserted."""
+
+    @abstractmethod
+    def delete(self, uid: str) -> bool: ...
+
+    @abstractmethod
+    def older_than(self, cutoff: float) -> list[str]:
+        """Ids created before ``cutoff`` (epoch seconds)."""
+
+    @abstractmethod
+    def by_age(self) -> Iterator[tuple[str, int]]:
+        """(id, bytes), oldest first."""
+
+
+class Metadata(ABC):
+    """Where the rows live. ``write()`` is exclusive across every process sharing the database."""
+
+    @abstractmethod
+    def read(self) -> AbstractContextManager[Rows]: ...
+
+    @abstractmethod
+    def write(self) -> AbstractContextManager[Rows]:
+        """One transaction holding the store-wide write lock; committed when the block ends without error."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+@dataclass
+class Staged:
+    """A blob made durable by ``Blobs.stage`` but not yet published under its id."""
+
+    id: str
+    data: bytes
+    handle: Any = None  # the backend's own (a temporary file, ...)
+
+
+class Blobs(ABC):
+    """Where the bytes live, named by their id."""
+
+    #: Blobs without a row younger than this are left alone at start-up: they can be another replica's
+    #: staged upload. 0 where a blob only ever appears under its id inside ``Metadata.write()``.
+    orphan_grace_s: float = 0.0
+
+    @abstractmethod
+    def stage(self, uid: str, data: bytes) -> Staged:
+        """Make ``data`` durable where no reader looks; outside the write lock (it is the slow part)."""
+
+    @abstractmethod
+    def publish(self, staged: Staged) -> None:
+        """Inside the write lock: after it returns, ``read(staged.id)`` gives the bytes."""
+
+    @abstractmethod
+    def discard(self, staged: Staged) -> None:
+        """Release what ``stage`` kept (a published blob stays)."""
+
+    @abstractmethod
+    def read(self, uid: str) -> bytes | None: ...
+
+    @abstractmethod
+    def delete(self, uid: str) -> None:
+        """Remove the blob if it is there."""
+
+    @abstractmethod
+    def names(self) -> Iterator[tuple[str, float]]:
+        """(id, modification time in epoch seconds) of every published blob."""
+
+    @abstractmethod
+    def remove_abandoned(self) -> None:
+        """Remove staged data whose writer is gone (a crashed process's temporary files)."""
+
+    def close(self) -> None:
+        return None
 
 
 class UploadStore:
-    def __init__(self, root: Path, max_bytes: int = 0, retention_s: float = 0) -> None:
-        self.root = Path(root)
-        self.files = self.root / "uploads"
-        self.tmp = self.root / "tmp"
+    """Content-addressed uploads with quota and retention, over one ``Metadata`` and one ``Blobs``."""
+
+    def __init__(self, meta: Metadata, blobs: Blobs, max_bytes: int = 0, retention_s: float = 0) -> None:
+        self.meta = meta
+        self.blobs = blobs
         self.max_bytes = max_bytes
         self.retention_s = retention_s
-        self._lock = threading.Lock()
-        self.files.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.root / "uploads.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS uploads (id TEXT PRIMARY KEY, width INTEGER NOT NULL, height INTEGER NOT NULL,"
-            " format TEXT NOT NULL, bytes INTEGER NOT NULL, created_at REAL NOT NULL)"
-        )
-        self._db.execute("CREATE INDEX IF NOT EXISTS uploads_created ON uploads (created_at)")
+        self.clock: Callable[[], float] = time.time  # creation times and retention ages
         self.recover()
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def path_for(self, upload_id: str) -> Path:
-        return self.files / upload_id[:2] / upload_id
-
-    def recover(self) -> None:
-        """Make disk and database agree after a crash: drop temp files, orphan files and rows without files."""
-        with self._lock:
-            for p in self.tmp.iterdir():
-                p.unlink(missing_ok=True)
-            ids = {row[0] for row in self._db.execute("SELECT id FROM uploads")}
-            on_disk: set[str] = set()
-            for sub in self.files.iterdir():
-                if not sub.is_dir():
-                    continue
-                for p in sub.iterdir():
-                    if p.name in ids:
-                        on_disk.add(p.name)
-                    else:
-                        p.unlink(missing_ok=True)
-            for missing in ids - on_disk:
-                self._db.execute("DELETE FROM uploads WHERE id = ?", (missing,))
+        self.meta.close()
+        self.blobs.close()
 
     @staticmethod
     def digest(data: bytes) -> str:
         return hashlib.sha256(data).hexdigest()
 
+    def recover(self) -> None:
+        """Make blobs and rows agree after a crash, without touching other replicas' uploads in flight."""
+        self.blobs.remove_abandoned()
+        with self.meta.write() as rows:
+            ids = rows.ids()
+            now = time.time()  # blob times are the wall clock's, not self.clock's
+            published = set()
+            for uid, mtime in self.blobs.names():
+                if uid in ids:
+                    published.add(uid)
+                elif now - mtime >= self.blobs.orphan_grace_s:
+                    self.blobs.delete(uid)  # its put never committed a row, so it was never acknowledged
+            for missing in ids - published:
+                rows.delete(missing)
+
     def put(self, data: bytes, width: int, height: int, fmt: str) -> tuple[Upload, bool]:
         """Store ``data``; returns (upload, created). The same bytes twice give the same id, created=False."""
-        upload_id = self.digest(data)
-        existing = self.get(upload_id)
+        uid = self.digest(data)
+        existing = self.get(uid)
         if existing is not None:
             return existing, False
-        final = self.path_for(upload_id)
-        final.parent.mkdir(exist_ok=True)
-        tmp = self.tmp / f"{upload_id}.{threading.get_ident()}.{time.monotonic_ns()}"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # The rename and the row go together under the lock, as a delete's row and file do: otherwise a
-        # delete of the same bytes could remove this file after its row was inserted.
-        with self._lock:
-            os.replace(tmp, final)
-            _fsync_dir(final.parent)
-            created = (
-                self._db.execute(
-                    "INSERT OR IGNORE INTO uploads (id, width, height, format, bytes, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (upload_id, width, height, fmt, len(data), time.time()),
-                ).rowcount
-                > 0
-            )
-        self.evict(keep=upload_id)
-        upload = self.get(upload_id)
-        assert upload is not None
+        staged = self.blobs.stage(uid, data)
+        try:
+            with self.meta.write() as rows:
+                upload = rows.get(uid)  # a replica may have stored the same bytes meanwhile
+                created = upload is None
+                if upload is None:
+                    self.blobs.publish(staged)
+                    upload = make_upload(uid, width, height, fmt, len(data), self.clock())
+                    rows.insert(upload)
+                self._evict(rows, keep=uid)
+        finally:
+            self.blobs.discard(staged)
         return upload, created
 
     def get(self, upload_id: str) -> Upload | None:
         if not ID_RE.fullmatch(upload_id):
             return None
-        with self._lock:
-            row = self._db.execute(
-                "SELECT id, width, height, format, bytes, created_at FROM uploads WHERE id = ?", (upload_id,)
-            ).fetchone()
-        if row is None:
+        with self.meta.read() as rows:
+            upload = rows.get(upload_id)
+        if upload is None:
             return None
-        if self.retention_s and time.time() - row[5] > self.retention_s:
+        if self.retention_s and self.clock() - upload.created_at.timestamp() > self.retention_s:
             self.evict()
             return None
-        return Upload(row[0], row[1], row[2], row[3], row[4], datetime.fromtimestamp(row[5], UTC))
+        return upload
 
     def read(self, upload_id: str) -> bytes | None:
         if self.get(upload_id) is None:
             return None
-        try:
-            return self.path_for(upload_id).read_bytes()
-        except FileNotFoundError:  # deleted between the lookup and the read
-            return None
+        return self.blobs.read(upload_id)  # None when deleted between the lookup and the read
 
     def delete(self, upload_id: str) -> bool:
         if not ID_RE.fullmatch(upload_id):
             return False
-        with self._lock:
-            gone = self._db.execute("DELETE FROM uploads WHERE id = ?", (upload_id,)).rowcount > 0
+        with self.meta.write() as rows:
+            gone = rows.delete(upload_id)
             if gone:
-                self.path_for(upload_id).unlink(missing_ok=True)
+                self.blobs.delete(upload_id)
         return gone
 
     def recent(self, limit: int = 100, offset: int = 0) -> list[Upload]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, width, height, format, bytes, created_at FROM uploads ORDER BY created_at DESC, id"
-                " LIMIT ? OFFSET ?",
-                (limit, offset),
-            ).fetchall()
-        return [Upload(r[0], r[1], r[2], r[3], r[4], datetime.fromtimestamp(r[5], UTC)) for r in rows]
+        with self.meta.read() as rows:
+            return rows.recent(limit, offset)
 
     def stats(self) -> StoreStats:
-        with self._lock:
-            count, total = self._db.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM uploads").fetchone()
-        return StoreStats(int(count), int(total), self.max_bytes, self.retention_s)
+        with self.meta.read() as rows:
+            count, total = rows.totals()
+        return StoreStats(count, total, self.max_bytes, self.retention_s)
 
     def evict(self, keep: str | None = None) -> list[str]:
         """Remove uploads past the retention time, then the oldest until the quota holds. Returns their ids."""
+        with self.meta.write() as rows:
+            return self._evict(rows, keep)
+
+    def _evict(self, rows: Rows, keep: str | None) -> list[str]:
         removed: list[str] = []
-        with self._lock:
-            if self.retention_s:
-                cutoff = time.time() - self.retention_s
-                rows = self._db.execute("SELECT id FROM uploads WHERE created_at < ?", (cutoff,)).fetchall()
-                removed += [r[0] for r in rows if r[0] != keep]
-                for uid in removed:
-                    self._db.execute("DELETE FROM uploads WHERE id = ?", (uid,))
-            if self.max_bytes:
-                total = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM uploads").fetchone()[0]
-                over = []
-                for uid, size in self._db.execute("SELECT id, bytes FROM uploads ORDER BY created_at, id"):
-                    if total <= self.max_bytes:
-                        break
-                    if uid != keep:
-                        over.append(uid)
-                        total -= size
-                for uid in over:
-                    self._db.execute("DELETE FROM uploads WHERE id = ?", (uid,))
-                removed += over
+        if self.retention_s:
+            removed += [uid for uid in rows.older_than(self.clock() - self.retention_s) if uid != keep]
             for uid in removed:
-                self.path_for(uid).unlink(missing_ok=True)
+                rows.delete(uid)
+        if self.max_bytes:
+            _, total = rows.totals()
+            over = []
+            for uid, size in rows.by_age():
+                if total <= self.max_bytes:
+                    break
+                if uid != keep:
+                    over.append(uid)
+                    total -= size
+            for uid in over:
+                rows.delete(uid)
+            removed += over
+        # Inside the transaction: a blob deleted here cannot be one that another put publishes, as that
+        # needs the lock. A crash before the commit leaves rows without blobs, which start-up removes.
+        for uid in removed:
+            self.blobs.delete(uid)
         return removed
+
+
+def open_metadata(url: str, data_dir: Path) -> Metadata:
+    """``""`` (SQLite in ``data_dir``), ``sqlite:///path`` or ``postgresql://user:pw@host/db``."""
+    scheme = urlsplit(url).scheme
+    if not url or scheme == "sqlite":
+        from app.store.sqlite import SqliteMetadata
+
+        path = Path(unquote(urlsplit(url).path)) if url else Path(data_dir) / "uploads.sqlite3"
+        return SqliteMetadata(path)
+    if scheme in ("postgresql", "postgres"):
+        from app.store.postgres import PostgresMetadata
+
+        return PostgresMetadata(url)
+    raise ValueError(f"UNETSEG_DATABASE_URL: unsupported scheme {scheme!r} (use sqlite:/// or postgresql://)")
+
+
+def open_blobs(url: str, data_dir: Path) -> Blobs:
+    """``""`` (the data folder), ``file:///path`` or ``s3://bucket/prefix``."""
+    parts = urlsplit(url)
+    if not url or parts.scheme == "file":
+        from app.store.files import FileBlobs
+
+        if url and parts.netloc not in ("", "localhost"):
+            raise ValueError(f"UNETSEG_BLOB_URL: a file URL names a local path (file:///path), not {url!r}")
+        return FileBlobs(Path(unquote(parts.path)) if url else Path(data_dir))
+    if parts.scheme == "s3":
+        from app.store.s3 import S3Blobs
+
+        if not parts.netloc:
+            raise ValueError(f"UNETSEG_BLOB_URL: no bucket in {url!r} (use s3://bucket/prefix)")
+        return S3Blobs(parts.netloc, unquote(parts.path).strip("/"))
+    raise ValueError(f"UNETSEG_BLOB_URL: unsupported scheme {parts.scheme!r} (use file:/// or s3://)")
+
+
+def open_store(settings: Settings) -> UploadStore:
+    """The store the settings name: metadata from UNETSEG_DATABASE_URL, bytes from UNETSEG_BLOB_URL."""
+    meta = open_metadata(settings.database_url, settings.data_dir)
+    try:
+        blobs = open_blobs(settings.blob_url, settings.data_dir)
+        return UploadStore(meta, blobs, settings.max_store_bytes, settings.retention_s)
+    except BaseException:
+        meta.close()
+        raise

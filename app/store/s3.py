@@ -1,0 +1,97 @@
+"""Upload bytes as objects in an S3 bucket (``s3://bucket/prefix``) through boto3.
+
+Keys are ``PREFIX/uploads/ab/abcdef...``. A PUT is atomic (an object is visible whole or not at all) and
+answered once stored durably, so ``stage`` writes the object under its final key, outside the store's
+lock; nothing reads it until its row exists. ``publish``, inside the lock, checks that the object is still
+there (a delete or another replica's start-up may have removed it since: S3 reads are strongly
+consistent) and writes it again if not, so a row never names a missing object. Start-up removes objects
+without a row only when older than ``orphan_grace_s``, which leaves other replicas' uploads in flight
+alone.
+
+Credentials, region and endpoint come from boto3's usual sources: ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``~/.aws``, an instance role; for a server other than
+AWS (MinIO, Ceph, an emulator) set ``AWS_ENDPOINT_URL_S3`` (or ``AWS_ENDPOINT_URL``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from app.store import ID_RE, Blobs, Staged
+
+ORPHAN_GRACE_S = 3600.0  # far longer than any upload takes between its PUT and its row
+
+
+class S3Blobs(Blobs):
+    orphan_grace_s = ORPHAN_GRACE_S
+
+    def __init__(self, bucket: str, prefix: str = "", client: Any = None) -> None:
+        if client is None:
+            try:
+                import boto3
+            except ImportError as exc:
+                raise RuntimeError(
+                    "UNETSEG_BLOB_URL names S3: install the 's3' extra (pip install 'unetseg[s3]')"
+                ) from exc
+            client = boto3.client("s3")
+        self.client = client
+        self.bucket = bucket
+        self.prefix = f"{prefix.strip('/')}/uploads/" if prefix.strip("/") else "uploads/"
+        self.client.head_bucket(Bucket=bucket)  # fail at start-up, not at the first upload
+
+    def key(self, uid: str) -> str:
+        return f"{self.prefix}{uid[:2]}/{uid}"
+
+    def _missing(self, exc: Exception) -> bool:
+        response = getattr(exc, "response", None) or {}
+        return str(response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound")
+
+    def _put(self, uid: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self.key(uid), Body=data, ChecksumAlgorithm="SHA256")
+
+    def stage(self, uid: str, data: bytes) -> Staged:
+        self._put(uid, data)
+        return Staged(uid, data)
+
+    def publish(self, staged: Staged) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.key(staged.id))
+        except ClientError as exc:
+            if not self._missing(exc):
+                raise
+            self._put(staged.id, staged.data)
+
+    def discard(self, staged: Staged) -> None:
+        return None  # an unpublished object has no row: start-up removes it after the grace period
+
+    def read(self, uid: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self.key(uid))
+        except ClientError as exc:
+            if self._missing(exc):
+                return None
+            raise
+        data: bytes = response["Body"].read()
+        return data
+
+    def delete(self, uid: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.key(uid))
+
+    def names(self) -> Iterator[tuple[str, float]]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
+        for page in pages:
+            for obj in page.get("Contents", []):
+                name = obj["Key"].rsplit("/", 1)[-1]
+                if ID_RE.fullmatch(name) and obj["Key"] == self.key(name):
+                    yield name, obj["LastModified"].timestamp()
+
+    def remove_abandoned(self) -> None:
+        return None  # single PUTs: nothing is ever half-written
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,59 @@
+"""Upload metadata in one SQLite file (WAL, ``synchronous=FULL``): the embedded default.
+
+Several processes on one machine may share the file: ``write()`` is a ``BEGIN IMMEDIATE`` transaction, the
+database-wide write lock SQLite takes across processes. Reads use a connection of their own, so in WAL mode
+they never wait for a write (or its fsyncs).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from app.store import Metadata, Rows
+from app.store.sql import SqlRows, schema
+
+BUSY_TIMEOUT_S = 60.0  # how long a writer waits for another process's write lock
+
+
+class SqliteMetadata(Metadata):
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._db = self._connect()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        with self.write() as _:
+            for statement in schema(real="REAL", bigint="INTEGER"):
+                self._db.execute(statement)
+        self._reader = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S)
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    @contextmanager
+    def read(self) -> Iterator[Rows]:
+        with self._read_lock:
+            yield SqlRows(self._reader.execute)
+
+    @contextmanager
+    def write(self) -> Iterator[Rows]:
+        with self._write_lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield SqlRows(self._db.execute)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._write_lock, self._read_lock:
+            self._db.close()
+            self._reader.close()

@@ -1,0 +1,86 @@
+"""Real store backends for the tests: throwaway PostgreSQL databases and an S3 emulator on 127.0.0.1.
+
+PostgreSQL is the server `.ci/run` installs and starts (reached as UNETSEG_TEST_POSTGRES_URL, by default
+the superuser over TCP with the password `.ci/run` sets). Tests that need it skip when none is reachable,
+except in CI (CI=true), where a missing server fails them. S3 is moto's server mode (an emulator of the
+S3 API), started in this process on a free port.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+ADMIN_URL = os.environ.get("UNETSEG_TEST_POSTGRES_URL", "postgresql://postgres:unetseg@127.0.0.1:5432/postgres")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def unavailable(reason: str) -> None:
+    """Skip, or fail in CI, where every backend must be tested."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: the backend must be available)")
+    pytest.skip(reason)
+
+
+def postgres_admin() -> Any:
+    try:
+        import psycopg
+    except ImportError:
+        unavailable("psycopg is not installed (pip install -e '.[dev]')")
+    try:
+        return psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        unavailable(f"no PostgreSQL at {ADMIN_URL} ({str(exc).strip().splitlines()[0]}); `bash .ci/run` starts one")
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A new, empty database with a random name; its URL. Dropped afterwards."""
+    admin = postgres_admin()
+    name = f"unetseg_test_{uuid.uuid4().hex[:12]}"
+    admin.execute(f"CREATE DATABASE {name}")
+    try:
+        parts = urlsplit(ADMIN_URL)
+        yield urlunsplit(parts._replace(path=f"/{name}"))
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+@contextmanager
+def s3_emulator() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 and a free port; its endpoint URL."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        unavailable("moto is not installed (pip install -e '.[dev]')")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def new_bucket(endpoint: str) -> str:
+    import boto3
+
+    name = f"unetseg-test-{uuid.uuid4().hex[:12]}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+        region_name=S3_ENV["AWS_DEFAULT_REGION"],
+    )
+    client.create_bucket(Bucket=name)
+    client.close()
+    return name
