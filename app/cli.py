@@ -79,19 +79,40 @@ def predict(argv: Sequence[str]) -> int:
     defaults = Settings()
     p = argparse.ArgumentParser(prog="unetseg predict", description="Segment image files without HTTP.")
     p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--model", help="model name (default: UNETSEG_DEFAULT_MODEL)")
+    p.add_argument(
+        "--model",
+        help="model name in --weights-dir, or a bundle folder such as weights/polyp (default: UNETSEG_DEFAULT_MODEL)",
+    )
     p.add_argument("--out", type=Path, default=Path("masks"), help="output folder (created)")
     p.add_argument("--format", choices=["png", "overlay"], default="png")
     p.add_argument("--weights-dir", type=Path, default=defaults.weights_dir)
     p.add_argument("--device", default=defaults.device)
     args = p.parse_args(argv)
-    engine = Engine.from_folder(
-        args.weights_dir,
-        resolve_device(args.device),
-        precision=defaults.precision,
-        max_batch=defaults.max_batch,
-        default_model=defaults.default_model,
-    )
+    first_of: dict[str, Path] = {}
+    for path in args.images:  # each mask is OUT/<stem>.png: refuse before writing any
+        first = first_of.setdefault(path.stem, path)
+        if first != path:
+            p.error(f"{first} and {path} would both be written to {args.out / (path.stem + '.png')}; rename one")
+    weights_dir = args.weights_dir
+    if args.model and (Path(args.model) / "card.json").is_file():  # a bundle folder: served alone
+        weights_dir, args.model = Path(args.model), None
+    elif args.model and ("/" in args.model or Path(args.model).is_dir()):
+        p.error(f"--model {args.model}: not a model bundle (a folder with card.json and model.safetensors)")
+    try:
+        engine = Engine.from_folder(
+            weights_dir,
+            resolve_device(args.device),
+            precision=defaults.precision,
+            max_batch=defaults.max_batch,
+            default_model=defaults.default_model,
+        )
+    except ValueError as exc:  # a bad bundle, device or precision: the message names it
+        print(f"unetseg predict: {exc}", file=sys.stderr)
+        return 2
+    if args.model and args.model not in engine.models:
+        print(f"unetseg predict: unknown model {args.model!r}; available: {', '.join(sorted(engine.models))}")
+        engine.stop()
+        return 2
     engine.start(warmup=False)
     args.out.mkdir(parents=True, exist_ok=True)
     failures = 0

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     queue_size: int = Field(
         64, ge=1, description="Requests waiting per model before new ones get 503 with Retry-After."
     )
+    max_inflight_mb: int = Field(
+        1024,
+        ge=0,
+        description="MiB that requests in flight may hold (images, tile accumulators, masks); over it 503 (0 = none).",
+    )
     request_timeout_s: float = Field(
         60.0, gt=0, description="A prediction not finished after this many seconds gets 504."
     )

@@ -42,6 +42,48 @@ class Decoded:
         return np.asarray(Image.fromarray(self.rgb).convert("L"))
 
 
+# The TIFF tag BitsPerSample.
+BITS_PER_SAMPLE = 258
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def declared_bits(im: Image.Image) -> int | None:
+    """The bits per sample a file declares (TIFF ``BitsPerSample``), when it does."""
+    tags = getattr(im, "tag_v2", None)
+    bits = tags.get(BITS_PER_SAMPLE) if tags is not None else None
+    if isinstance(bits, tuple):
+        bits = bits[0] if bits else None
+    return bits if isinstance(bits, int) else None
+
+
+def to_8bit(im: Image.Image, bits: int | None = None) -> Image.Image:
+    """16-bit, 32-bit integer and float images -> 8-bit gray ("L"), scaled linearly; others unchanged.
+
+    Integers are divided by their declared range when the file declares one below 16 bits (TIFF
+    ``BitsPerSample``, passed as ``bits``: 2**bits - 1), else by their actual maximum but never less than
+    255: 12-bit data spanning 0..4095 in a 16-bit PNG maps onto 0..255 like its 8-bit copy, 8-bit values
+    stored in 16 bits are kept as they are, and one value above 255 only nudges the scale (no jump).
+    Floats within [0, 1] are scaled by 255; other floats from their range (the minimum, or 0 when it is
+    above 0, to the maximum) onto 0..255. Negative integers are clipped to 0.
+    """
+    if im.mode not in HIGH_BIT_MODES:
+        return im
+    arr = np.asarray(im).astype(np.float64)
+    finite = arr[np.isfinite(arr)]
+    hi = float(finite.max()) if finite.size else 0.0
+    if im.mode == "F":
+        lo = min(0.0, float(finite.min())) if finite.size else 0.0
+        if lo >= 0 and hi <= 1:
+            lo, top = 0.0, 1.0
+        else:
+            top = max(hi, lo + 1e-12)
+    else:
+        lo = 0.0
+        top = float(2**bits - 1) if bits is not None and 8 <= bits < 16 else max(hi, 255.0)
+    scaled = (np.nan_to_num(arr, nan=lo, posinf=top, neginf=lo) - lo) * (255.0 / (top - lo))
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
 def decode(data: bytes, max_pixels: int, reduce_to: int | None = None) -> Decoded:
     """Validate and decode an image file. Raises InvalidImage (415) or ImageTooLarge (413).
 
@@ -66,7 +108,7 @@ def decode(data: bytes, max_pixels: int, reduce_to: int | None = None) -> Decode
         im.load()
         if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # these orientations swap the axes
             width, height = height, width
-        rgb = pil_to_array(ImageOps.exif_transpose(im), 3)
+        rgb = pil_to_array(to_8bit(ImageOps.exif_transpose(im), declared_bits(im)), 3)
     except (ImageTooLarge, InvalidImage):
         raise
     except UnidentifiedImageError:

@@ -76,6 +76,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         compile=s.compile,
         default_model=s.default_model,
         streams=s.streams,
+        max_inflight_bytes=s.max_inflight_mb * 1024 * 1024,
     )
     metrics: Metrics = app.state.metrics
     for m in state.engine.models.values():

@@ -110,7 +110,9 @@ class Engine:
 
     @classmethod
     def from_folder(cls, weights_dir: Path, device: torch.device, **kwargs: object) -> Engine:
-        bundles = [load_bundle(folder) for folder in discover(weights_dir)]
+        """Every bundle under ``weights_dir``, or the one bundle ``weights_dir`` is (a folder with a card.json)."""
+        one = (Path(weights_dir) / "card.json").is_file()
+        bundles = [load_bundle(folder) for folder in ([Path(weights_dir)] if one else discover(weights_dir))]
         if not bundles:
             raise ValueError(f"{weights_dir} holds no model bundle (a folder with card.json and model.safetensors)")
         return cls(bundles, device, **kwargs)  # type: ignore[arg-type]

@@ -3,9 +3,10 @@
 A job is one request's inputs (``Work``): one resized image, or the tiles of a large image, made as they
 are batched. Each batch is formed when a worker is free:
 
-- **No batching tax.** A worker takes what is waiting at once. It waits (up to ``max_wait``, counted from
-  the oldest waiting input) only when requests have lately been arriving faster than that, so that a
-  lone request starts immediately and a busy model gathers what queued while it ran.
+- **No batching tax.** A worker takes what is waiting at once. It waits only when requests have lately
+  been arriving faster than ``max_wait`` apart, and then only until the oldest waiting one has waited
+  ``max_wait`` or none came for twice the usual gap: a lone request starts immediately, and a busy model
+  batches what queued while it ran.
 - **Fair.** A job that has not started yet goes first (oldest first), then jobs by when they were last
   served; the batch takes inputs round-robin from every job of the same input shape. A small request
   behind any number of large tiled jobs is in the next batch. A started job passed over for two batches
@@ -256,13 +257,16 @@ class ModelEngine:
                     self._cond.wait(0.5 if self._closed else None)
                     continue
                 waiting = sum(j.remaining for j in ready)
-                if not self._closed and waiting < self.max_batch and self._arrival_gap < self.max_wait_s / 2:
-                    # Requests are arriving fast: a few ms may fill the batch.
-                    deadline = min(j.enqueued for j in ready) + self.max_wait_s
-                    left = deadline - time.perf_counter()
-                    if left > 0 and self._cond.wait(left):
-                        continue  # something changed: look again (the deadline stays the oldest's)
-                return self._form_batch([j for j in self._jobs if j.remaining > 0])
+                gap = self._arrival_gap
+                if not self._closed and waiting < self.max_batch and gap < self.max_wait_s:
+                    # Requests are arriving faster than max_wait: wait for the next ones, until the oldest
+                    # has waited max_wait or none came for twice the usual gap (the burst is over).
+                    until = min(min(j.enqueued for j in ready) + self.max_wait_s, self._last_arrival + 2 * gap)
+                    left = until - time.perf_counter()
+                    if left > 0:
+                        self._cond.wait(left)
+                        continue  # look again: more may have come, or the wait is over
+                return self._form_batch(ready)
 
     def _form_batch(self, ready: list[Job]) -> Batch:
         """(Called under the lock.) Choose the batch's shape by priority, then fill it round-robin."""
@@ -334,14 +338,14 @@ class ModelEngine:
                         self.stats.worker_errors += 1
                     for job in {id(j): j for j, _ in batch}.values():
                         self._fail(job, exc)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - the worker is gone: say why on /readyz
             self.failure = f"a worker of model {self.name!r} stopped: {type(exc).__name__}: {exc}"
             log.critical("%s", self.failure)
             with self._cond:
                 jobs = list(self._jobs)
             for job in jobs:
                 self._fail(job, InferenceFailed(self.failure))
-            raise
+            # The thread ends here, reported on /readyz; re-raising would only print the traceback again.
 
     def _run_batch(self, batch: Batch, stream: torch.cuda.Stream | None) -> None:
         batch = [(j, i) for j, i in batch if not j.finished]

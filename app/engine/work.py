@@ -23,13 +23,12 @@ import torch.nn.functional as F
 
 from app.errors import ImageTooLarge, Overloaded
 from model.bundle import InputPolicy
-from model.inference import Plan, finish, gaussian_window, make_plan, tile_origins
+from model.inference import _BAND_PIXELS, Plan, finish, gaussian_window, make_plan, tile_origins
 
 log = logging.getLogger("unetseg.engine")
 
-# Scratch a job needs besides its own buffers while it is assembled (the band of upsampled logits of a
-# resized image, a batch's inputs and outputs): counted once per job.
-_SCRATCH_BYTES = 32 * 1024 * 1024
+# Small buffers of a job (its batch inputs and outputs, Python objects), counted once per job.
+_JOB_BYTES = 1024 * 1024
 
 
 class Work(Protocol):
@@ -102,9 +101,9 @@ class TiledWork:
 
     @staticmethod
     def bytes_needed(height: int, width: int, channels: int, classes: int) -> int:
-        """Memory a tiled job holds: the image, the accumulator and the mask, plus scratch."""
+        """Memory a tiled job holds: the image, the float32 accumulator, the mask and its temporary."""
         planes = 1 if classes == 2 else classes
-        return height * width * (channels + 4 * planes + 1) + _SCRATCH_BYTES
+        return height * width * (channels + 4 * planes + 2) + _JOB_BYTES
 
     def _valid(self, index: int) -> tuple[int, int, int, int]:
         y, x = self.origins[index]
@@ -140,9 +139,12 @@ class ResizedWork(TensorWork):
         super().__init__(self.plan.inputs)
 
     @staticmethod
-    def bytes_needed(image: np.ndarray, size: tuple[int, int] | None) -> int:
+    def bytes_needed(image: np.ndarray, size: tuple[int, int] | None, classes: int) -> int:
+        """The image, the mask and the band of upsampled float32 logits ``finish`` works in."""
         h, w = size or image.shape[:2]
-        return int(image.nbytes) + int(h) * int(w) + _SCRATCH_BYTES  # the image, the mask, the band
+        pixels = int(h) * int(w)
+        band = min(pixels, _BAND_PIXELS) * 4 * (1 if classes == 2 else classes)
+        return int(image.nbytes) + pixels + 2 * band + _JOB_BYTES
 
     def mask(self) -> np.ndarray:
         assert self.outputs is not None
@@ -152,7 +154,7 @@ class ResizedWork(TensorWork):
 def work_bytes(image: np.ndarray, policy: InputPolicy, classes: int, size: tuple[int, int] | None) -> int:
     """What a request for ``image`` will hold until its mask is made, before any of it is allocated."""
     if policy.sizing == "resize":
-        return ResizedWork.bytes_needed(image, size)
+        return ResizedWork.bytes_needed(image, size, classes)
     h, w = image.shape[:2]
     return TiledWork.bytes_needed(h, w, policy.channels, classes)
 

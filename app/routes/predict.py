@@ -113,7 +113,12 @@ async def predict(
     image = decoded.for_model(policy.channels)
     t1 = time.perf_counter()
     seg = await engine.segment(
-        m.name, image, state.executor, settings.request_timeout_s, (decoded.height, decoded.width)
+        m.name,
+        image,
+        state.executor,
+        settings.request_timeout_s,
+        (decoded.height, decoded.width),
+        disconnected=request.is_disconnected,  # a client that hangs up stops its job
     )
     t2 = time.perf_counter()
     colors = [c.color for c in m.card.classes]

@@ -1,0 +1,131 @@
+"""GPU choices, checked without a GPU: native bf16 on the configured cuda:N only, one warm-up shape class per
+input policy (so a compiled model never meets a new shape), and a CUDA stream per worker (none on the CPU)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.engine import ModelEngine, device_supports, make_work, native_bf16
+from app.engine.device import input_shapes, new_stream, on_stream, warmup_batches
+from model.bundle import load_bundle
+from tests.helpers import tiny_card, write_tiny_bundle
+
+
+class FakeCuda:
+    """Stands in for the CUDA driver queries: per-device compute capabilities, and which device is current."""
+
+    def __init__(self, capabilities: dict[int, tuple[int, int]]) -> None:
+        self.capabilities = capabilities
+        self.current = 0
+        self.asked: list[tuple[str, int, bool | None]] = []
+
+    def get_device_capability(self, index: int) -> tuple[int, int]:
+        self.asked.append(("capability", index, None))
+        return self.capabilities[index]
+
+    def is_bf16_supported(self, including_emulation: bool = True) -> bool:
+        self.asked.append(("bf16", self.current, including_emulation))
+        major = self.capabilities[self.current][0]
+        return major >= 8 or including_emulation  # what torch answers: emulation counts by default
+
+    @contextlib.contextmanager
+    def device(self, index: int) -> Iterator[None]:
+        before, self.current = self.current, index
+        try:
+            yield
+        finally:
+            self.current = before
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
+    fake = FakeCuda({0: (8, 6), 1: (7, 5)})  # an Ampere card and a T4 beside it
+    monkeypatch.setattr(torch.cuda, "get_device_capability", fake.get_device_capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", fake.is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "device", fake.device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: fake.current)
+    return fake
+
+
+def test_bf16_only_where_native_and_on_the_configured_device(fake_cuda: FakeCuda) -> None:
+    assert native_bf16(torch.device("cuda:0"))
+    assert not native_bf16(torch.device("cuda:1"))  # emulated bf16 on a T4 does not count
+    assert ("capability", 1, None) in fake_cuda.asked  # the configured device, not the current one (0)
+    assert all(emulation is False for kind, _, emulation in fake_cuda.asked if kind == "bf16")
+    assert not device_supports(torch.bfloat16, torch.device("cuda:1"))
+    assert device_supports(torch.float16, torch.device("cuda:1"))
+    fake_cuda.current = 1
+    assert not native_bf16(torch.device("cuda"))  # plain "cuda" is the current device
+    fake_cuda.current = 0
+    assert native_bf16(torch.device("cuda"))
+    assert device_supports(torch.bfloat16, torch.device("cuda:0"))
+
+
+@pytest.mark.parametrize(
+    "size",
+    [(1, 1), (1, 5000), (20, 20), (31, 33), (32, 32), (50, 70), (100, 33), (129, 257)],
+)
+def test_every_tile_has_the_one_warmed_up_shape(tmp_path: Path, size: tuple[int, int]) -> None:
+    folder, card, _ = write_tiny_bundle(tmp_path / "t", channels=1, sizing="tile", size=32)
+    engine = ModelEngine(load_bundle(folder), torch.device("cpu"), torch.float32)
+    work = make_work(engine, np.zeros(size, np.uint8), None)
+    shapes = {tuple(work.item(i).shape) for i in range(work.size)}
+    assert shapes <= set(input_shapes(card.input)) and len(shapes) == 1
+
+
+def test_resize_inputs_have_the_warmed_up_shape(tmp_path: Path) -> None:
+    folder, card, _ = write_tiny_bundle(tmp_path / "r", sizing="resize", size=32)
+    engine = ModelEngine(load_bundle(folder), torch.device("cpu"), torch.float32)
+    for size in [(1, 1), (100, 33), (480, 640)]:
+        work = make_work(engine, np.zeros((*size, 3), np.uint8), size)
+        assert {tuple(work.item(i).shape) for i in range(work.size)} <= set(input_shapes(card.input))
+
+
+def test_warmup_runs_every_shape_class_at_batch_1_and_a_full_batch(tmp_path: Path) -> None:
+    folder, card, _ = write_tiny_bundle(tmp_path / "t", channels=1, sizing="tile", size=32)
+    engine = ModelEngine(load_bundle(folder), torch.device("cpu"), torch.float32, max_batch=6)
+    inner = engine.model
+    seen: list[tuple[int, ...]] = []
+
+    def record(x: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(x.shape))
+        return inner(x)
+
+    engine.model = record
+    engine.warmup()
+    assert warmup_batches(6) == [1, 6]
+    assert sorted(seen) == sorted((n, *shape) for shape in input_shapes(card.input) for n in (1, 6))
+    assert input_shapes(tiny_card(sizing="resize", size=48).input) == [(3, 48, 48)]
+
+
+def test_no_cuda_stream_on_the_cpu() -> None:
+    assert new_stream(torch.device("cpu")) is None
+    with on_stream(None):
+        assert torch.ones(2).sum() == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_each_cuda_worker_has_its_own_stream(tmp_path: Path) -> None:
+    folder, _, _ = write_tiny_bundle(tmp_path / "t")
+    engine = ModelEngine(load_bundle(folder), torch.device("cuda"), torch.float32, streams=2)
+    inner = engine.model
+    streams: set[int] = set()
+
+    def record(x: torch.Tensor) -> torch.Tensor:
+        streams.add(torch.cuda.current_stream().cuda_stream)
+        return inner(x)
+
+    engine.model = record
+    engine.start()
+    futs = [engine.submit(torch.randn(1, 3, 32, 32)) for _ in range(32)]
+    for f in futs:
+        f.result(60)
+    engine.stop()
+    assert torch.cuda.default_stream().cuda_stream not in streams
+    assert 1 <= len(streams) <= 2
