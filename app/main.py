@@ -43,8 +43,9 @@ Models are self-describing bundles (`GET /v1/models`). When the service has API 
 `/v1` endpoint needs one, as `Authorization: Bearer <key>` or `X-API-Key: <key>`.
 
 Every response carries an `X-Request-ID` (yours, when you send a sane one: up to 128 of `A-Z a-z 0-9 . _ -`);
-error bodies repeat it as `request_id` next to `detail`. A page to try the models is at `/`; Prometheus
-metrics are at `/metrics`."""
+error bodies repeat it as `request_id` next to `detail`. `X-Served-By` names the process that answered
+(`hostname:pid`; one replica of several when the service runs on Ray Serve). A page to try the models is at
+`/`; Prometheus metrics are at `/metrics`."""
 
 
 def _start_engine(state: AppState) -> None:
@@ -127,7 +128,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
-            expose_headers=["Server-Timing", "X-Model", "X-Model-Version", "X-Request-ID", "Retry-After"],
+            expose_headers=[
+                "Server-Timing",
+                "X-Model",
+                "X-Model-Version",
+                "X-Request-ID",
+                "X-Served-By",
+                "Retry-After",
+            ],
         )
     # Outermost: every response, the body limit's and CORS's included, gets a request id, a log line and metrics.
     app.add_middleware(RequestContextMiddleware, observe=metrics.observe_request, routes=RouteTemplates.of(app))

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -199,6 +201,8 @@ class RouteTemplates:
 class RequestContextMiddleware:
     """Give every HTTP request an id, put it in error bodies, log one line per request and count it.
 
+    - Every response carries ``X-Served-By``: ``hostname:pid`` of the process that answered (one replica
+      of several, under Ray Serve).
     - The id is the client's ``X-Request-ID`` when it is sane (1-128 of ``[A-Za-z0-9._-]``), else a new
       one; it is returned in ``X-Request-ID``, kept in ``request.state.request_id`` and in
       ``request_id_var`` while the request runs.
@@ -220,6 +224,7 @@ class RequestContextMiddleware:
         self.observe = observe
         self._load_routes = routes
         self._routes: RouteTemplates | None = None
+        self.served_by = f"{socket.gethostname()}:{os.getpid()}"
 
     def route_of(self, path: str) -> str:
         if self._routes is None:
@@ -266,6 +271,7 @@ class RequestContextMiddleware:
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = request_id
+                headers["X-Served-By"] = self.served_by
                 if status >= 400 and headers.get("content-type", "").startswith("application/json"):
                     held = message
                     return
@@ -304,6 +310,7 @@ class RequestContextMiddleware:
                             (b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()),
                             (b"x-request-id", request_id.encode()),
+                            (b"x-served-by", self.served_by.encode()),
                         ],
                     }
                 )
