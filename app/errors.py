@@ -21,6 +21,12 @@ class InvalidImage(ServiceError):
     status_code = 415
 
 
+class UnsupportedBody(ServiceError):
+    """A request body of a type the route does not read (neither a form nor an image)."""
+
+    status_code = 415
+
+
 class ImageTooLarge(ServiceError):
     """Over the byte or pixel limits."""
 

@@ -27,7 +27,7 @@ from app.engine import Engine, resolve_device
 from app.errors import ServiceError
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, RouteTemplates
-from app.routes import health, models, predict, uploads, web
+from app.routes import docs, health, models, predict, uploads, web
 from app.state import AppState
 from app.store import open_store
 
@@ -115,6 +115,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # docs.install serves the docs pages with their assets from this service
+        redoc_url=None,
+        generate_unique_id_function=lambda route: route.name,  # operation ids (client functions) are route names
     )
     state = AppState(settings=settings)
     app.state.unetseg = state
@@ -141,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, observe=metrics.observe_request, routes=RouteTemplates.of(app))
     app.include_router(health.router)
     web.install(app)
+    docs.install(app)
     secured = [Depends(require_api_key)]
     for module in (models, uploads, predict):
         app.include_router(module.router, prefix="/v1", dependencies=secured)

@@ -6,14 +6,14 @@ import asyncio
 import time
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.deps import EngineDep, KeyCheckedRoute, StateDep, StoreDep
-from app.errors import InvalidRequest, UnknownUpload
+from app.errors import UnknownUpload
 from app.imaging import decode, encode_mask_png, encode_overlay_png, mask_summary
+from app.routes.bodies import PREDICT_BODY, read_image_or_upload_id
 from app.routes.errors import ERRORS
-from app.routes.uploads import read_single_file
 from app.schemas import Prediction
 
 router = APIRouter(tags=["predict"], route_class=KeyCheckedRoute)
@@ -54,7 +54,9 @@ def server_timing(timings: dict[str, float]) -> str:
     "/predict",
     summary="Segment an image",
     description=(
-        "Send the image as the multipart field `file`, or the id of an earlier upload as `upload_id` (not both).\n\n"
+        "Send the image as the multipart field `file` or as the body itself (`Content-Type: image/*` or "
+        "`application/octet-stream`), or the id of an earlier upload as the form field `upload_id` (not both; an "
+        "empty field counts as absent).\n\n"
         "- `format=png` (default): a palette PNG at the image's displayed size whose pixel values are class ids "
         "and whose palette holds the class colors: viewable and machine-readable.\n"
         "- `format=overlay`: the image with the non-background classes blended over it at opacity `alpha`.\n"
@@ -62,16 +64,12 @@ def server_timing(timings: dict[str, float]) -> str:
         "Every response carries `Server-Timing` (decode, queue, model, encode) and `X-Model`."
     ),
     response_class=Response,
+    openapi_extra={"requestBody": PREDICT_BODY},
     responses={
         200: {
             "description": "The mask.",
-            "content": {
-                "image/png": PNG_BINARY,
-                "application/json": {
-                    "schema": Prediction.model_json_schema(ref_template="#/components/schemas/{model}"),
-                    "example": PREDICTION_EXAMPLE,
-                },
-            },
+            "model": Prediction,  # the application/json schema, with the models it refers to
+            "content": {"image/png": PNG_BINARY, "application/json": {"example": PREDICTION_EXAMPLE}},
         },
         **{k: ERRORS[k] for k in (400, 401, 404, 413, 415, 422, 503, 504)},
     },
@@ -88,22 +86,17 @@ async def predict(
         Literal["png", "overlay", "json"], Query(description="Response format.", examples=["json"])
     ] = "png",
     alpha: Annotated[float, Query(ge=0, le=1, description="Mask opacity for format=overlay.", examples=[0.5])] = 0.5,
-    file: Annotated[UploadFile | None, File(description="The image.")] = None,
-    upload_id: Annotated[str | None, Form(description="Id of an earlier upload, instead of a file.")] = None,
 ) -> Response:
     settings = state.settings
     t0 = time.perf_counter()
     m = engine.get(model)  # 404 for an unknown model before any work is done
     request.state.model = m.name  # for the access log and metrics
-    if file is not None and upload_id is not None:
-        raise InvalidRequest("send either 'file' or 'upload_id', not both")
-    if upload_id is not None:
-        # In the executor: a lookup and a read of up to 20 MB block.
-        data = await asyncio.get_running_loop().run_in_executor(state.executor, store.read, upload_id)
-        if data is None:
-            raise UnknownUpload(f"no upload with id {upload_id!r}")
-    else:
-        data = await read_single_file(request, file, settings.max_upload_bytes)
+    sent = await read_image_or_upload_id(request, settings.max_upload_bytes)
+    data = sent.data
+    if sent.upload_id is not None:  # in the executor: a lookup and a read of up to 20 MB block
+        data = await asyncio.get_running_loop().run_in_executor(state.executor, store.read, sent.upload_id)
+    if data is None:
+        raise UnknownUpload(f"no upload with id {sent.upload_id!r}")
     loop = asyncio.get_running_loop()
     policy = m.card.input
     # A model that resizes its input needs no more pixels than its input size, unless the full image is

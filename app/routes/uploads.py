@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, File, Path, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from app.deps import KeyCheckedRoute, StateDep, StoreDep
-from app.errors import ImageTooLarge, InvalidRequest, UnknownUpload
+from app.errors import UnknownUpload
 from app.imaging import decode
+from app.routes.bodies import UPLOAD_BODY, read_image
 from app.routes.errors import ERRORS
 from app.schemas import UploadList, UploadOut
 from app.store import Upload
@@ -31,21 +32,6 @@ def to_out(u: Upload) -> UploadOut:
     return UploadOut(id=u.id, width=u.width, height=u.height, format=u.format, bytes=u.bytes, created_at=u.created_at)
 
 
-async def read_single_file(request: Request, file: UploadFile | None, limit: int) -> bytes:
-    """The bytes of the one multipart ``file`` field; 422 if there is none or more than one, 413 if too big."""
-    form = await request.form()
-    files = form.getlist("file")
-    if len(files) > 1:
-        raise InvalidRequest("send one image in the 'file' field, not several")
-    if file is None:
-        raise InvalidRequest("send the image as the multipart field 'file'")
-    # The body limit already bounds what was received; this is the exact per-file limit.
-    data = await file.read(limit + 1)
-    if len(data) > limit:
-        raise ImageTooLarge(f"the file is over the limit of {limit} bytes")
-    return data
-
-
 @router.post(
     "/uploads",
     summary="Upload an image",
@@ -53,7 +39,10 @@ async def read_single_file(request: Request, file: UploadFile | None, limit: int
     response_model=UploadOut,
     description="Store an image for later predictions. The id is the SHA-256 of the bytes: uploading the same "
     "file again answers 200 with the existing upload instead of 201. The image is fully decoded first, so "
-    "only valid images are stored.",
+    "only valid images are stored.\n\n"
+    "Send the image as the multipart field `file`, or as the body itself with `Content-Type: image/*` or "
+    "`application/octet-stream`.",
+    openapi_extra={"requestBody": UPLOAD_BODY},
     responses={
         200: {"model": UploadOut, "description": "The same bytes were already stored."},
         **{k: ERRORS[k] for k in (400, 401, 413, 415, 422)},
@@ -63,9 +52,8 @@ async def create_upload(
     request: Request,
     state: StateDep,
     store: StoreDep,
-    file: Annotated[UploadFile | None, File(description="The image: PNG, JPEG, WebP, BMP, TIFF or GIF.")] = None,
 ) -> JSONResponse:
-    data = await read_single_file(request, file, state.settings.max_upload_bytes)
+    data = await read_image(request, state.settings.max_upload_bytes)
     loop = asyncio.get_running_loop()
     decoded = await loop.run_in_executor(state.executor, decode, data, state.settings.max_pixels)
     upload, created = await loop.run_in_executor(

@@ -310,4 +310,4 @@ def test_validation_errors_do_not_echo_the_input(client: TestClient) -> None:
     r = client.post("/v1/predict", files={"file": (None, secret)})
     assert r.status_code == 422
     assert b"SECRET-BYTES" not in r.content
-    assert r.json()["detail"][0]["loc"] == ["body", "file"]
+    assert "'file' must be a file" in r.json()["detail"]

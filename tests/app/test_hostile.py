@@ -357,10 +357,13 @@ def multipart(*parts: bytes) -> dict[str, Any]:
 
 
 BAD_BODIES = [
-    pytest.param({"json": {"upload_id": "0" * 64}}, (422,), id="json-body"),
-    pytest.param({"content": b"hello", "headers": {"content-type": "text/plain"}}, (422,), id="text-body"),
-    pytest.param({"content": PNG, "headers": {"content-type": "image/png"}}, (422,), id="raw-image-body"),
-    pytest.param({"content": PNG}, (422,), id="no-content-type"),
+    pytest.param({"json": {"upload_id": "0" * 64}}, (415,), id="json-body"),
+    pytest.param({"content": b"hello", "headers": {"content-type": "text/plain"}}, (415,), id="text-body"),
+    pytest.param({"content": b"hello", "headers": {"content-type": "image/png"}}, (415,), id="raw-text-as-image"),
+    pytest.param({"content": PNG[:40], "headers": {"content-type": "image/png"}}, (415,), id="raw-truncated-image"),
+    pytest.param({"content": PNG, "headers": {"content-type": "image/"}}, (415,), id="raw-empty-subtype"),
+    pytest.param({"content": PNG}, (415,), id="no-content-type"),
+    pytest.param({"content": b""}, (422,), id="no-body"),
     pytest.param({"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}}, (400,), id="no-boundary"),
     pytest.param({"content": b"garbage", "headers": {"content-type": MULTIPART}}, (400,), id="garbage-multipart"),
     pytest.param(
