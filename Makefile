@@ -13,7 +13,7 @@ $(BIN)/python:
 
 setup: $(BIN)/python
 	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,ray]'
 
 serve:
 	$(BIN)/unetseg serve

@@ -41,6 +41,10 @@ def serve(argv: Sequence[str]) -> int:
     p.add_argument("--data-dir", type=Path, help="overrides UNETSEG_DATA_DIR")
     p.add_argument("--device", help="overrides UNETSEG_DEVICE")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--ray", action="store_true", help="serve from Ray Serve replicas (needs the ray extra)")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: whole-app replicas")
+    p.add_argument("--ray-address", help="with --ray: join this cluster (default: RAY_ADDRESS, else start one)")
+    p.add_argument("--gpus-per-replica", type=float, default=0, help="with --ray: GPUs (or a fraction) each")
     args = p.parse_args(argv)
     overrides = {
         k: v
@@ -57,6 +61,15 @@ def serve(argv: Sequence[str]) -> int:
     # One line per request, written by the app's middleware in UNETSEG_LOG_FORMAT: uvicorn's own access
     # log is off and its other records go through the same handler.
     configure_logging(settings.log_format, settings.log_level)
+    if args.ray:
+        if args.replicas < 1:
+            p.error("--replicas must be at least 1")
+        try:
+            from app.ray.launch import run
+        except ImportError as exc:
+            print(f"unetseg serve --ray needs the ray extra (pip install -e '.[ray]'): {exc}", file=sys.stderr)
+            return 2
+        return run(settings, args.replicas, args.ray_address, args.gpus_per_replica, grace_s=args.grace)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
