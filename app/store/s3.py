@@ -38,7 +38,13 @@ class S3Blobs(Blobs):
         self.client = client
         self.bucket = bucket
         self.prefix = f"{prefix.strip('/')}/uploads/" if prefix.strip("/") else "uploads/"
-        self.client.head_bucket(Bucket=bucket)  # fail at start-up, not at the first upload
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=bucket)  # fail at start-up, not at the first upload
+        except (BotoCoreError, ClientError) as exc:
+            self.client.close()
+            raise RuntimeError(f"UNETSEG_BLOB_URL: cannot use the S3 bucket {bucket!r}: {exc}") from exc
 
     def key(self, uid: str) -> str:
         return f"{self.prefix}{uid[:2]}/{uid}"

@@ -485,6 +485,17 @@ def test_a_bad_url_is_refused_with_its_setting_named(tmp_path: Path, field: str,
     assert f"UNETSEG_{field.upper()}" in str(info.value)
 
 
+def test_an_unreachable_database_or_a_missing_bucket_stops_the_start_with_its_setting_named(
+    tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(RuntimeError, match="UNETSEG_DATABASE_URL: cannot use the PostgreSQL database"):
+        open_store(Settings(data_dir=tmp_path, database_url="postgresql://nobody:pw@127.0.0.1:1/nothing"))
+    for k, v in {**S3_ENV, "AWS_ENDPOINT_URL_S3": s3_endpoint}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(RuntimeError, match="UNETSEG_BLOB_URL: cannot use the S3 bucket 'no-such-bucket'"):
+        open_store(Settings(data_dir=tmp_path, blob_url="s3://no-such-bucket/x"))
+
+
 def test_s3_publish_writes_the_object_again_when_it_went_missing(backend: Backend) -> None:
     store = backend.open()
     if not isinstance(store.blobs, S3Blobs):
