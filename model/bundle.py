@@ -31,6 +31,7 @@ WEIGHTS_FILE = "model.safetensors"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 Sizing = Literal["resize", "tile"]
+InstanceMethod = Literal["watershed", "components"]
 DType = Literal["float32", "bfloat16", "float16"]
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,6 +72,26 @@ class InputPolicy:
 
 
 @dataclass(frozen=True)
+class InstanceSpec:
+    """How a model's class map becomes instances (one id per object); see ``model.instances``.
+
+    ``method="watershed"``: the connected components of class ``interior`` are the markers of a watershed
+    that floods the foreground (``interior`` and ``boundary``), so touching objects separated by a band of
+    class ``boundary`` come out as separate instances. ``method="components"``: every connected component of
+    class ``interior`` is an instance (``boundary`` is None). Instances smaller than ``min_area`` pixels are
+    dropped (their pixels become background).
+    """
+
+    method: InstanceMethod
+    interior: int
+    boundary: int | None = None
+    min_area: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
 class Dataset:
     name: str
     url: str = ""
@@ -91,8 +112,10 @@ class Card:
     precisions: tuple[DType, ...] = ("float32",)
     metrics: Mapping[str, float] = field(default_factory=dict)
     training: Mapping[str, Any] = field(default_factory=dict)
+    instances: InstanceSpec | None = None  # None: a semantic model (class map only)
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {"instances": self.instances.to_dict()} if self.instances is not None else {}
         return {
             "format": FORMAT,
             "name": self.name,
@@ -105,6 +128,7 @@ class Card:
             "dataset": asdict(self.dataset),
             "metrics": dict(self.metrics),
             "training": dict(self.training),
+            **extra,
         }
 
 
@@ -240,6 +264,7 @@ def _parse_card(data: Any, path: Path) -> Card:
     metrics_raw = r.mapping(data, "metrics", "", {})
     metrics = {str(k): r.number(v, f"metrics.{k}") for k, v in metrics_raw.items()}
     training = dict(r.mapping(data, "training", "", {}))
+    instances = _parse_instances(r, data, len(classes)) if "instances" in data else None
     return Card(
         name=name,
         version=version,
@@ -251,7 +276,30 @@ def _parse_card(data: Any, path: Path) -> Card:
         precisions=tuple(raw_prec),
         metrics=metrics,
         training=training,
+        instances=instances,
     )
+
+
+def _parse_instances(r: _Reader, data: Mapping[str, Any], num_classes: int) -> InstanceSpec:
+    inst = r.mapping(data, "instances")
+    method = r.string(inst, "method", "instances.")
+    if method not in ("watershed", "components"):
+        raise r.fail("instances.method", f"must be 'watershed' or 'components', got {method!r}")
+    interior = r.integer(inst, "interior", "instances.", minimum=1)
+    if interior >= num_classes:
+        raise r.fail("instances.interior", f"must be a foreground class id below {num_classes}, got {interior}")
+    boundary: int | None = None
+    if method == "watershed":
+        boundary = r.integer(inst, "boundary", "instances.", minimum=1)
+        if boundary >= num_classes or boundary == interior:
+            raise r.fail(
+                "instances.boundary",
+                f"must be a foreground class id below {num_classes} other than interior, got {boundary}",
+            )
+    elif "boundary" in inst:
+        raise r.fail("instances.boundary", "only the watershed method has a boundary class")
+    min_area = r.integer(inst, "min_area", "instances.") if "min_area" in inst else 0
+    return InstanceSpec(method, interior, boundary, min_area)  # type: ignore[arg-type]
 
 
 def read_card(folder: Path) -> Card:

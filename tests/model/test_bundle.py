@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.bundle import CARD_FILE, WEIGHTS_FILE, BundleError, discover, load_bundle, read_card
+from model.bundle import CARD_FILE, WEIGHTS_FILE, BundleError, InstanceSpec, discover, load_bundle, read_card
 from tests.helpers import write_tiny_bundle
 
 
@@ -156,3 +156,42 @@ def test_float16_storage_keeps_what_float16_cannot_hold(tmp_path: Path) -> None:
     assert stored["inc.body.0.weight"].dtype == torch.float16
     loaded = load_bundle(folder)  # no overflow to inf, so it validates
     assert float(loaded.model.inc.body[1].running_var[0]) == 1e6
+
+
+def test_an_instance_card_round_trips_and_a_semantic_one_has_no_instances(tmp_path: Path) -> None:
+    spec = InstanceSpec("watershed", interior=1, boundary=2, min_area=16)
+    folder, _, _ = write_tiny_bundle(tmp_path / "i", classes=3, instances=spec)
+    data = json.loads((folder / CARD_FILE).read_text())
+    assert data["instances"] == {"method": "watershed", "interior": 1, "boundary": 2, "min_area": 16}
+    assert load_bundle(folder).card.instances == spec
+    plain, _, _ = write_tiny_bundle(tmp_path / "p")
+    assert "instances" not in json.loads((plain / CARD_FILE).read_text())  # older cards look the same
+    assert load_bundle(plain).card.instances is None
+    comp, _, _ = write_tiny_bundle(tmp_path / "c", instances=InstanceSpec("components", 1))
+    assert json.loads((comp / CARD_FILE).read_text())["instances"] == {
+        "method": "components",
+        "interior": 1,
+        "min_area": 0,
+    }
+    assert load_bundle(comp).card.instances == InstanceSpec("components", 1)
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        ({"instances": [1, 2]}, "instances"),
+        ({"instances.method": "grow"}, "instances.method"),
+        ({"instances.interior": 0}, "instances.interior"),
+        ({"instances.interior": 3}, "instances.interior"),
+        ({"instances.boundary": 1}, "instances.boundary"),
+        ({"instances.boundary": KeyError}, "instances.boundary"),
+        ({"instances.method": "components"}, "instances.boundary"),
+        ({"instances.min_area": -1}, "instances.min_area"),
+    ],
+)
+def test_bad_instance_fields_name_the_field(tmp_path: Path, edit: dict[str, object], field: str) -> None:
+    folder, _, _ = write_tiny_bundle(tmp_path / "b", classes=3, instances=InstanceSpec("watershed", 1, 2))
+    _break(folder, edit)
+    with pytest.raises(BundleError) as info:
+        load_bundle(folder)
+    assert f": {field}:" in str(info.value)
