@@ -6,6 +6,13 @@ Masks are decoded to class ids by a ``MaskSpec``:
     binary-inverted[:T]   class 1 where the gray value is <= T (e.g. membranes drawn black)
     index                 the pixel value is the class id (L or P mode PNG)
     palette:RRGGBB,...    the i-th color is class i; other colors are an error
+    instances[:boundary=W]  read from ``instances/`` instead of ``masks/``: single-channel (e.g. 16-bit)
+                          PNGs of instance ids, 0 = background. Alone: class 1 = any instance. With
+                          ``boundary=W``: three classes, 0 background, 1 interior, 2 boundary, where the
+                          boundary is every pixel of an instance within W pixels (a (2W+1)-square
+                          window) of a pixel that is not that instance: background or another instance.
+                          Touching instances are then 2W pixels of boundary apart, which the watershed
+                          of ``model.instances`` uses to separate them (the DSB 2018 winners' targets).
 
 Images of any size and mode are converted to the model's channels with ``pil_to_array``.
 """
@@ -17,15 +24,17 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+from scipy import ndimage as ndi
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 @dataclass(frozen=True)
 class MaskSpec:
-    kind: str  # "binary", "binary-inverted", "index" or "palette"
+    kind: str  # "binary", "binary-inverted", "index", "palette" or "instances"
     threshold: int = 127
     colors: tuple[tuple[int, int, int], ...] = ()
+    boundary: int = 0  # "instances": boundary width in pixels; 0 = two classes (background, instance)
 
     @classmethod
     def parse(cls, text: str) -> MaskSpec:
@@ -51,8 +60,16 @@ class MaskSpec:
                 except ValueError:
                     raise ValueError(f"mask spec {text!r}: colors are RRGGBB hex values") from None
             return cls(kind, colors=tuple(colors))
+        if kind == "instances":
+            if not arg:
+                return cls(kind)
+            key, _, width = arg.partition("=")
+            if key != "boundary" or not width.isdigit() or not 1 <= int(width) <= 16:
+                raise ValueError(f"mask spec {text!r}: use instances or instances:boundary=W with W 1..16 pixels")
+            return cls(kind, boundary=int(width))
         raise ValueError(
-            f"unknown mask spec {text!r}: use binary[:T], binary-inverted[:T], index or palette:RRGGBB,..."
+            f"unknown mask spec {text!r}: use binary[:T], binary-inverted[:T], index, palette:RRGGBB,... "
+            "or instances[:boundary=W]"
         )
 
     def __str__(self) -> str:
@@ -60,6 +77,8 @@ class MaskSpec:
             return f"{self.kind}:{self.threshold}"
         if self.kind == "palette":
             return "palette:" + ",".join(f"{r:02x}{g:02x}{b:02x}" for r, g, b in self.colors)
+        if self.kind == "instances" and self.boundary:
+            return f"instances:boundary={self.boundary}"
         return self.kind
 
     @property
@@ -67,10 +86,19 @@ class MaskSpec:
         """Classes the spec implies, or None for "index" (the data decides)."""
         if self.kind == "palette":
             return len(self.colors)
+        if self.kind == "instances":
+            return 3 if self.boundary else 2
         return None if self.kind == "index" else 2
+
+    @property
+    def folder(self) -> str:
+        """The dataset sub-folder the masks are read from."""
+        return "instances" if self.kind == "instances" else "masks"
 
     def decode(self, mask: Image.Image) -> np.ndarray:
         """A mask image -> (H, W) uint8 class ids."""
+        if self.kind == "instances":
+            return instance_targets(instance_ids(mask), self.boundary)
         if self.kind in ("binary", "binary-inverted"):
             gray = np.asarray(_to_gray(mask))
             hit = gray > self.threshold if self.kind == "binary" else gray <= self.threshold
@@ -90,6 +118,34 @@ class MaskSpec:
         if (out == 255).any():
             raise ValueError("mask has colors that are not in the palette")
         return out
+
+
+def instance_ids(mask: Image.Image) -> np.ndarray:
+    """A single-channel instance mask (8-, 16- or 32-bit; 0 = background) -> (H, W) int32 instance ids."""
+    if mask.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+        raise ValueError(f"instance masks must be single-channel (8- or 16-bit ids), got mode {mask.mode}")
+    ids = np.asarray(mask)
+    if ids.min(initial=0) < 0:
+        raise ValueError("instance masks must hold ids >= 0")
+    return ids.astype(np.int32)
+
+
+def instance_targets(ids: np.ndarray, boundary: int) -> np.ndarray:
+    """(H, W) instance ids -> (H, W) uint8 classes: 0 background, 1 interior, 2 boundary (``boundary`` > 0).
+
+    A pixel is boundary when its (2 boundary + 1)-square window holds another id (background or another
+    instance): the window's maximum or minimum differs from it. Outside the image the edge pixels repeat, so
+    an instance cut by the image border gets no boundary along it (its outline there is unknown).
+    ``boundary`` == 0: class 1 wherever there is an instance.
+    """
+    fg = ids > 0
+    out = fg.astype(np.uint8)
+    if boundary:
+        size = 2 * boundary + 1
+        hi = ndi.maximum_filter(ids, size=size, mode="nearest")
+        lo = ndi.minimum_filter(ids, size=size, mode="nearest")
+        out[fg & ((hi != ids) | (lo != ids))] = 2
+    return out
 
 
 def _to_gray(image: Image.Image) -> Image.Image:
@@ -129,27 +185,28 @@ def pil_to_array(image: Image.Image, channels: int) -> np.ndarray:
     return np.asarray(image)
 
 
-def find_pairs(root: Path | str) -> list[tuple[Path, Path]]:
-    """(image, mask) paths with matching stems under ``root/images`` and ``root/masks``, sorted by stem."""
+def index_folder(folder: Path) -> dict[str, Path]:
+    """Image files in ``folder`` by stem; two files with one stem are an error."""
+    found: dict[str, Path] = {}
+    for p in folder.iterdir():
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+            if p.stem in found:
+                raise ValueError(f"{folder} has two files with the stem {p.stem!r}")
+            found[p.stem] = p
+    return found
+
+
+def find_pairs(root: Path | str, masks: str = "masks") -> list[tuple[Path, Path]]:
+    """(image, mask) paths with matching stems under ``root/images`` and ``root/<masks>``, sorted by stem."""
     root = Path(root)
-    img_dir, mask_dir = root / "images", root / "masks"
+    img_dir, mask_dir = root / "images", root / masks
     if not img_dir.is_dir() or not mask_dir.is_dir():
-        raise FileNotFoundError(f"{root} must hold images/ and masks/ folders")
-
-    def index(folder: Path) -> dict[str, Path]:
-        found: dict[str, Path] = {}
-        for p in folder.iterdir():
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-                if p.stem in found:
-                    raise ValueError(f"{folder} has two files with the stem {p.stem!r}")
-                found[p.stem] = p
-        return found
-
-    images, masks = index(img_dir), index(mask_dir)
-    stems = sorted(set(images) & set(masks))
+        raise FileNotFoundError(f"{root} must hold images/ and {masks}/ folders")
+    images, masks_by_stem = index_folder(img_dir), index_folder(mask_dir)
+    stems = sorted(set(images) & set(masks_by_stem))
     if not stems:
         raise FileNotFoundError(f"{root}: no image and mask share a file stem")
-    return [(images[s], masks[s]) for s in stems]
+    return [(images[s], masks_by_stem[s]) for s in stems]
 
 
 def split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -166,16 +223,31 @@ class Sample:
     stem: str
     image: np.ndarray  # (H, W, C) or (H, W) uint8 at native size
     mask: np.ndarray  # (H, W) uint8 class ids
+    instances: np.ndarray | None = None  # (H, W) int32 instance ids (0 = background), when known
 
 
-def load_sample(image_path: Path, mask_path: Path, spec: MaskSpec, channels: int) -> Sample:
+def load_sample(
+    image_path: Path, mask_path: Path, spec: MaskSpec, channels: int, instances_path: Path | None = None
+) -> Sample:
+    """One pair at native size. The instance ids come from the mask itself under an "instances" spec, or
+    from ``instances_path`` (e.g. to score a binary model's connected components against them)."""
     with Image.open(image_path) as im:
         image = pil_to_array(ImageOps.exif_transpose(im), channels)
+    ids = None
     with Image.open(mask_path) as mk:
-        mask = spec.decode(mk)
+        if spec.kind == "instances":
+            ids = instance_ids(mk)
+            mask = instance_targets(ids, spec.boundary)
+        else:
+            mask = spec.decode(mk)
+    if instances_path is not None:
+        with Image.open(instances_path) as ik:
+            ids = instance_ids(ik)
+        if ids.shape != mask.shape:
+            raise ValueError(f"{instances_path}: instances are {ids.shape[::-1]}, the mask is {mask.shape[::-1]}")
     if mask.shape != image.shape[:2]:
         raise ValueError(f"{mask_path}: mask is {mask.shape[::-1]}, image is {image.shape[1::-1]}")
-    return Sample(image_path.stem, image, mask)
+    return Sample(image_path.stem, image, mask, ids)
 
 
 def resize_pair(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.data import MaskSpec, find_pairs, load_sample, pil_to_array, split
+from model.data import MaskSpec, find_pairs, instance_targets, load_sample, pil_to_array, split
+from tests.helpers import DATASETS
+from tests.model.synthetic import write_touching_discs
 
 
 def test_mask_specs_parse_and_decode() -> None:
@@ -83,3 +85,66 @@ def test_pairs_split_and_samples(tmp_path: Path) -> None:
     assert s.image.shape == (6, 8, 3) and s.mask.max() == 1
     with pytest.raises(FileNotFoundError):
         find_pairs(tmp_path / "images")
+
+
+def test_instance_specs_parse() -> None:
+    plain, three = MaskSpec.parse("instances"), MaskSpec.parse("instances:boundary=2")
+    assert (plain.num_classes, plain.folder, str(plain)) == (2, "instances", "instances")
+    assert (three.num_classes, three.boundary, str(three)) == (3, 2, "instances:boundary=2")
+    assert MaskSpec.parse(str(three)) == three
+    assert MaskSpec.parse("binary").folder == "masks"
+    for bad in ("instances:boundary=0", "instances:boundary=17", "instances:width=2", "instances:boundary=x"):
+        with pytest.raises(ValueError, match="boundary=W"):
+            MaskSpec.parse(bad)
+
+
+def test_instance_targets_mark_the_pixels_next_to_another_id() -> None:
+    ids = np.zeros((4, 8), dtype=np.int32)
+    ids[1:, 0:4] = 1
+    ids[1:, 4:8] = 2
+    # Row 0 is background; ids 1 and 2 touch between columns 3 and 4; the image edge is no boundary.
+    assert instance_targets(ids, 1).tolist() == [
+        [0, 0, 0, 0, 0, 0, 0, 0],
+        [2, 2, 2, 2, 2, 2, 2, 2],
+        [1, 1, 1, 2, 2, 1, 1, 1],
+        [1, 1, 1, 2, 2, 1, 1, 1],
+    ]
+    assert instance_targets(ids, 2)[3].tolist() == [1, 1, 2, 2, 2, 2, 1, 1]
+    assert instance_targets(ids, 0).tolist() == (ids > 0).astype(np.uint8).tolist()
+
+
+def test_sixteen_bit_instance_masks_load_with_their_ids(tmp_path: Path) -> None:
+    root = write_touching_discs(tmp_path, n=2)
+    pairs = find_pairs(root, "instances")
+    assert [m.parent.name for _, m in pairs] == ["instances", "instances"]
+    ids = np.zeros((5, 6), dtype=np.uint16)
+    ids[1:4, 1:3], ids[1:4, 3:5] = 300, 7  # ids above 255 survive
+    Image.fromarray(ids).save(pairs[0][1])
+    Image.fromarray(np.zeros((5, 6, 3), dtype=np.uint8)).save(pairs[0][0])
+    s = load_sample(*pairs[0], MaskSpec.parse("instances:boundary=1"), 3)
+    assert s.instances is not None and s.instances.dtype == np.int32
+    assert sorted(np.unique(s.instances).tolist()) == [0, 7, 300]
+    assert s.mask.tolist() == instance_targets(s.instances, 1).tolist()
+    # A binary mask with the instances read beside it (to score a binary model's components).
+    b = load_sample(pairs[1][0], root / "masks" / "t01.png", MaskSpec.parse("binary"), 3, pairs[1][1])
+    assert b.instances is not None and ((b.instances > 0) == (b.mask == 1)).all()
+    assert load_sample(pairs[1][0], root / "masks" / "t01.png", MaskSpec.parse("binary"), 3).instances is None
+    with pytest.raises(ValueError, match="single-channel"):
+        MaskSpec.parse("instances").decode(Image.new("RGB", (2, 2)))
+    with pytest.raises(FileNotFoundError, match="instances/"):
+        find_pairs(tmp_path / "images", "instances")
+
+
+@pytest.mark.data
+def test_dsb2018_instances_match_the_binary_masks() -> None:
+    root = DATASETS / "dsb2018_nuclei"
+    if not (root / "instances").is_dir():
+        pytest.skip(f"no DSB2018 instances/ under {DATASETS} (set UNETSEG_DATASETS)")
+    pairs = find_pairs(root, "instances")
+    assert [i.stem for i, _ in pairs] == [i.stem for i, _ in find_pairs(root)]  # so the splits agree
+    for image_path, ids_path in pairs[:: len(pairs) // 5]:
+        s = load_sample(image_path, ids_path, MaskSpec.parse("instances:boundary=2"), 3)
+        binary = load_sample(image_path, root / "masks" / ids_path.name, MaskSpec.parse("binary"), 3).mask
+        assert s.instances is not None and s.instances.max() > 0
+        assert ((s.mask > 0) == (binary == 1)).all()
+        assert (s.mask == 2).any() and (s.mask == 1).any()
