@@ -5,7 +5,15 @@ Metrics come from per-image confusion matrices (K x K, rows = truth, columns = p
 - per class c: Dice = 2 TP / (2 TP + FP + FN), IoU = TP / (TP + FP + FN); an image where class c is
   absent from both truth and prediction counts as 1 (a correct empty prediction);
 - ``dice`` / ``iou``: the mean over images, then over foreground classes (the Kvasir-SEG convention);
-- ``pixel_accuracy``: correct pixels / all pixels, over the whole set.
+- ``pixel_accuracy``: correct pixels / all pixels, over the whole set;
+- ``foreground`` (instance models with a boundary class): Dice and IoU of the union of the interior and
+  boundary classes against the union of the objects, the number comparable with a binary model's Dice.
+
+Instances (``model.instances``) are scored with the 2018 Data Science Bowl metric: per image, TP / (TP + FP
++ FN) at IoU thresholds 0.5, 0.55 ... 0.95 with one-to-one matching, averaged over the thresholds (the
+image's AP) and then over images (``map``); ``ap50`` is the mean at 0.5 alone. Models whose card has
+``instances`` are scored so against their masks' instance ids; a binary model is scored on the connected
+components of its mask whenever the dataset folder has ``instances/`` (``--no-instances`` skips it).
 
 Usage: ``unetseg evaluate --model weights/polyp DATA_DIR [--mask binary] [--tta] [--json out.json]``
 """
@@ -16,15 +24,17 @@ import argparse
 import json
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from model.bundle import InputPolicy, load_bundle
-from model.data import MaskSpec, Sample, find_pairs, load_sample, split
+from model.bundle import InputPolicy, InstanceSpec, load_bundle
+from model.data import MaskSpec, Sample, find_pairs, index_folder, load_sample, split
 from model.inference import blended_logits, make_plan
+from model.instances import image_precisions, instances_from_logits, summarize_instances
 
 
 def confusion(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
@@ -48,8 +58,29 @@ def class_scores(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return dice, iou
 
 
-def summarize(matrices: Sequence[np.ndarray], class_names: Sequence[str], stems: Sequence[str]) -> dict[str, Any]:
-    """Aggregate per-image confusion matrices into the report ``evaluate`` prints and writes."""
+def merged(cm: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """(2, 2) confusion of "any of ``classes``" against the rest, from a (K, K) one."""
+    inside = np.zeros(cm.shape[0], dtype=bool)
+    inside[list(classes)] = True
+    return np.array(
+        [
+            [cm[~inside][:, ~inside].sum(), cm[~inside][:, inside].sum()],
+            [cm[inside][:, ~inside].sum(), cm[inside][:, inside].sum()],
+        ]
+    )
+
+
+def summarize(
+    matrices: Sequence[np.ndarray],
+    class_names: Sequence[str],
+    stems: Sequence[str],
+    foreground: Sequence[int] = (),
+) -> dict[str, Any]:
+    """Aggregate per-image confusion matrices into the report ``evaluate`` prints and writes.
+
+    ``foreground``: classes that together make the objects (an instance model's interior and boundary);
+    their union is scored as one class in ``report["foreground"]``.
+    """
     k = len(class_names)
     per_image = [class_scores(cm) for cm in matrices]
     dice = np.stack([d for d, _ in per_image])  # (N, K)
@@ -71,6 +102,21 @@ def summarize(matrices: Sequence[np.ndarray], class_names: Sequence[str], stems:
             "mean": float(values.mean()),
         }
 
+    union: dict[str, Any] = {}
+    if foreground:
+        scores = [class_scores(merged(cm, foreground)) for cm in matrices]
+        u_dice = np.array([d[1] for d, _ in scores])
+        u_total = class_scores(merged(total, foreground))
+        union = {
+            "foreground": {
+                "classes": [class_names[c] for c in foreground],
+                "dice": float(u_dice.mean()),
+                "iou": float(np.mean([i[1] for _, i in scores])),
+                "dice_global": float(u_total[0][1]),
+                "iou_global": float(u_total[1][1]),
+                "per_image_dice": dist(u_dice),
+            }
+        }
     return {
         "images": len(matrices),
         "dice": float(dice[:, fg].mean()),
@@ -91,6 +137,7 @@ def summarize(matrices: Sequence[np.ndarray], class_names: Sequence[str], stems:
         "worst_images": [
             {"stem": stems[i], "dice": float(img_dice[i])} for i in np.argsort(img_dice)[: min(5, len(stems))]
         ],
+        **union,
     }
 
 
@@ -133,17 +180,32 @@ def evaluate_model(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     tta: bool = False,
+    instances: InstanceSpec | None = None,
 ) -> dict[str, Any]:
-    """Run the serving pipeline (plan -> forward -> resize/blend -> argmax) and score every sample."""
+    """Run the serving pipeline (plan -> forward -> resize/blend -> argmax) and score every sample.
+
+    With ``instances``, the logits are also made into instances and scored against the samples' instance
+    ids (``report["instances"]``, over the samples that have them).
+    """
     was_training = model.training
     model.eval()
     matrices, stems = [], []
+    precisions, inst_stems, counts = [], [], []
     for s in samples:
-        pred = predict_logits(model, s.image, policy, device, dtype, tta).argmax(0).numpy()
-        matrices.append(confusion(pred, s.mask, len(class_names)))
+        logits = predict_logits(model, s.image, policy, device, dtype, tta)
+        matrices.append(confusion(logits.argmax(0).numpy(), s.mask, len(class_names)))
         stems.append(s.stem)
+        if instances is not None and s.instances is not None:
+            ids = instances_from_logits(logits, instances)
+            precisions.append(image_precisions(s.instances, ids))
+            inst_stems.append(s.stem)
+            counts.append((len(np.unique(s.instances[s.instances > 0])), int(ids.max(initial=0))))
     model.train(was_training)
-    return summarize(matrices, class_names, stems)
+    union = [instances.interior, instances.boundary] if instances is not None and instances.boundary else []
+    report = summarize(matrices, class_names, stems, union)
+    if instances is not None:
+        report["instances"] = summarize_instances(precisions, inst_stems, counts, instances)
+    return report
 
 
 def format_report(report: dict[str, Any], title: str) -> str:
@@ -157,10 +219,30 @@ def format_report(report: dict[str, Any], title: str) -> str:
     lines.append(
         f"foreground dice {report['dice']:.4f}  iou {report['iou']:.4f}  pixel accuracy {report['pixel_accuracy']:.4f}"
     )
-    lines.append(
-        "per-image dice: " + "  ".join(f"{k} {d[k]:.3f}" for k in ("min", "p10", "p25", "median", "p75", "max"))
-    )
+    lines.append("per-image dice: " + _quantiles(d))
+    if "foreground" in report:
+        u = report["foreground"]
+        lines.append(
+            f"foreground ({' + '.join(u['classes'])}) dice {u['dice']:.4f}  iou {u['iou']:.4f}  "
+            f"dice(global) {u['dice_global']:.4f}"
+        )
+        lines.append("per-image foreground dice: " + _quantiles(u["per_image_dice"]))
+    if "instances" in report:
+        r = report["instances"]
+        how = ", ".join(f"{k} {v}" for k, v in r["method"].items())
+        lines.append(
+            f"instances ({how}): {r['images']} images, {r['true_objects']} true / {r['predicted_objects']} "
+            f"predicted objects"
+        )
+        lines.append("IoU threshold " + "".join(f"{t:>7.2f}" for t in r["thresholds"]))
+        lines.append("AP            " + "".join(f"{v:>7.3f}" for v in r["ap_per_threshold"]))
+        lines.append(f"mAP (DSB 2018) {r['map']:.4f}  AP@0.5 {r['ap50']:.4f}")
+        lines.append("per-image AP: " + _quantiles(r["per_image_ap"]))
     return "\n".join(lines)
+
+
+def _quantiles(d: dict[str, float]) -> str:
+    return "  ".join(f"{k} {d[k]:.3f}" for k in ("min", "p10", "p25", "median", "p75", "max"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -178,6 +260,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--limit", type=int, default=0, help="score only the first N images (0 = all)")
     p.add_argument("--json", type=Path, help="write the report here")
+    p.add_argument(
+        "--no-instances",
+        action="store_true",
+        help="skip the instance metric for a binary model on a dataset with instances/",
+    )
+    p.add_argument(
+        "--min-area",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="drop predicted instances under PX pixels (default: the card's, 0 for connected components)",
+    )
     args = p.parse_args(argv)
 
     bundle = load_bundle(args.model)
@@ -186,7 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not spec_text:
         p.error("the bundle's card names no mask spec: pass --mask")
     spec = MaskSpec.parse(str(spec_text))
-    pairs = find_pairs(args.data_dir)
+    if args.min_area is not None and args.min_area < 0:
+        p.error("--min-area takes a number of pixels >= 0")
+    pairs = find_pairs(args.data_dir, spec.folder)
     if args.split != "all":
         seed = int(card.training.get("split_seed", card.training.get("seed", 0)))
         frac = float(card.training.get("val_fraction", 0.1))
@@ -197,7 +293,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device)
     model = bundle.model.to(device)
     names = [c.name for c in card.classes]
-    samples = [load_sample(i, m, spec, card.input.channels) for i, m in pairs]
+    instances = card.instances
+    truth_ids: dict[str, Path] = {}
+    binary = len(names) == 2 and spec.kind != "instances"
+    if instances is None and binary and not args.no_instances and (args.data_dir / "instances").is_dir():
+        # A binary model: its mask's connected components against the true instances.
+        truth_ids = index_folder(args.data_dir / "instances")
+        instances = InstanceSpec("components", 1)
+    if instances is not None and args.min_area is not None:
+        instances = replace(instances, min_area=args.min_area)
+    samples = [load_sample(i, m, spec, card.input.channels, truth_ids.get(i.stem)) for i, m in pairs]
     result: dict[str, Any] = {
         "model": card.name,
         "version": card.version,
@@ -205,10 +310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "split": args.split,
         "mask": str(spec),
     }
-    result["plain"] = evaluate_model(model, samples, card.input, names, device)
+    result["plain"] = evaluate_model(model, samples, card.input, names, device, instances=instances)
     print(format_report(result["plain"], f"{card.name} on {args.data_dir} ({args.split})"))
     if args.tta:
-        result["tta"] = evaluate_model(model, samples, card.input, names, device, tta=True)
+        result["tta"] = evaluate_model(model, samples, card.input, names, device, tta=True, instances=instances)
         print(format_report(result["tta"], "with flip TTA"))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
