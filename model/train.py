@@ -8,6 +8,11 @@ channels-last on CUDA (and on CPUs that support bf16, unless --precision float32
 the training device. Every epoch writes ``RUN_DIR/last.pt`` (weights, optimizer, scheduler, epoch, random
 generators), so ``--resume`` continues an interrupted run exactly; the best epoch by validation Dice is
 written as a bundle to ``--out``. ``RUN_DIR`` also gets ``metrics.jsonl`` and ``curves.png``.
+
+Instance masks (``--mask instances:boundary=W``, read from the dataset's ``instances/``) train three
+classes, background / interior / boundary; the card then says how to make instances from them (watershed,
+``model.instances``), and the best epoch is the one with the highest validation mAP (the 2018 Data Science
+Bowl metric) instead of Dice.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from model.augment import IGNORE, AugmentConfig, augment, random_crops
-from model.bundle import Card, ClassInfo, Dataset, DType, InputPolicy, load_bundle, save_bundle
+from model.bundle import Card, ClassInfo, Dataset, DType, InputPolicy, InstanceSpec, load_bundle, save_bundle
 from model.data import MaskSpec, Sample, find_pairs, load_sample, resize_pair, split
 from model.evaluate import evaluate_model
 from model.plot import plot_curves
@@ -85,6 +90,16 @@ class TrainConfig:
     extra_data: tuple[str, ...] = ()  # folders whose pairs join the training split only (e.g. pseudo-labels)
     extra_mask: str = ""  # their mask spec; "" = mask
     init: str = ""  # bundle folder whose weights start the run (fine-tuning); "" = random initialisation
+    min_area: int = 16  # instance masks: predicted instances under this many pixels are dropped
+
+    def instance_spec(self) -> InstanceSpec | None:
+        """How the model's classes become instances, for an "instances" mask spec; None otherwise."""
+        spec = MaskSpec.parse(self.mask)
+        if spec.kind != "instances":
+            return None
+        if spec.boundary:
+            return InstanceSpec("watershed", interior=1, boundary=2, min_area=self.min_area)
+        return InstanceSpec("components", interior=1, min_area=self.min_area)
 
     @property
     def extra_mask_spec(self) -> MaskSpec:
@@ -279,12 +294,12 @@ class Data:
 
 def load_data(cfg: TrainConfig, device: torch.device) -> Data:
     spec = MaskSpec.parse(cfg.mask)
-    pairs = find_pairs(cfg.data_dir)
+    pairs = find_pairs(cfg.data_dir, spec.folder)
     train_idx, val_idx = split(len(pairs), cfg.val_fraction, cfg.split_seed_or_seed)
     extra_spec = cfg.extra_mask_spec
     training = [(*pairs[i], spec) for i in train_idx]
     for folder in cfg.extra_data:
-        training += [(image, mask, extra_spec) for image, mask in find_pairs(folder)]
+        training += [(image, mask, extra_spec) for image, mask in find_pairs(folder, extra_spec.folder)]
 
     train_x, train_y = [], []
     sums = np.zeros(cfg.channels)
@@ -362,6 +377,7 @@ def make_card(
         precisions=precisions,
         metrics=metrics,
         training=training,
+        instances=cfg.instance_spec(),
     )
 
 
@@ -433,7 +449,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
         gen_aug.set_state(ckpt["gen_aug"].cpu())
         state = json.loads(ckpt["state"])
         if log:
-            print(f"resumed {ckpt_path} at epoch {state['epoch']} (best dice {state['best']:.4f})", file=sys.stderr)
+            what = "mAP" if cfg.instance_spec() else "dice"
+            print(f"resumed {ckpt_path} at epoch {state['epoch']} (best {what} {state['best']:.4f})", file=sys.stderr)
     elif ckpt_path.exists():
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it or choose another --run-dir")
     else:
@@ -454,6 +471,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
     mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
     names = list(cfg.class_names)
+    instances = cfg.instance_spec()
     epochs_run = 0
     stop_reason = "epochs"
     while state["epoch"] < cfg.epochs:
@@ -507,7 +525,9 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
             if bar:
                 bar.update(s + 1, loss=loss_sum / (s + 1))
         scored = model if ema is None else ema.module
-        val = evaluate_model(scored, data.val, make_card(cfg, data, {}, {}).input, names, device, dtype)
+        val = evaluate_model(
+            scored, data.val, make_card(cfg, data, {}, {}).input, names, device, dtype, instances=instances
+        )
         state["epoch"] += 1
         state["elapsed"] += time.monotonic() - t0
         row = {
@@ -516,14 +536,17 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
             "val_dice": val["dice"],
             "val_iou": val["iou"],
             "val_pixel_accuracy": val["pixel_accuracy"],
+            **_instance_metrics(val),
             "lr": sched.get_last_lr()[0],
             "seconds": round(time.monotonic() - t0, 2),
         }
         with open(run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        improved = val["dice"] > state["best"]
+        # Instance models are kept for their instances: the best epoch is the one with the highest mAP.
+        score = val["instances"]["map"] if instances is not None else val["dice"]
+        improved = score > state["best"]
         if improved:
-            state.update(best=val["dice"], best_epoch=state["epoch"], bad_epochs=0)
+            state.update(best=score, best_epoch=state["epoch"], bad_epochs=0)
             # The best weights as a provisional bundle; the final card is written when training ends.
             save_bundle(run_dir / "best", make_card(cfg, data, {}, {"provisional": True}), scored, "float32")
         else:
@@ -531,7 +554,9 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
         if log:
             print(
                 f"epoch {state['epoch']}: loss {row['train_loss']:.4f} val dice {val['dice']:.4f} "
-                f"iou {val['iou']:.4f} acc {val['pixel_accuracy']:.4f}{' *' if improved else ''} "
+                f"iou {val['iou']:.4f} acc {val['pixel_accuracy']:.4f}"
+                + (f" mAP {val['instances']['map']:.4f}" if instances is not None else "")
+                + f"{' *' if improved else ''} "
                 f"({row['seconds']:.0f}s)",
                 file=sys.stderr,
             )
@@ -561,6 +586,16 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
     return summary
 
 
+def _instance_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """An instance model's extra validation numbers (empty for a semantic model's report)."""
+    out: dict[str, float] = {}
+    if "foreground" in report:
+        out.update(val_foreground_dice=report["foreground"]["dice"], val_foreground_iou=report["foreground"]["iou"])
+    if "instances" in report:
+        out.update(val_map=report["instances"]["map"], val_ap50=report["instances"]["ap50"])
+    return out
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -577,7 +612,9 @@ def export(cfg: TrainConfig, data: Data, state: dict[str, Any], device: torch.de
     save_bundle(out, provisional, best.model, "float16")
     served = load_bundle(out).model.to(device)
     names = list(cfg.class_names)
-    rep32 = evaluate_model(served, data.val, provisional.input, names, device, torch.float32)
+    rep32 = evaluate_model(
+        served, data.val, provisional.input, names, device, torch.float32, instances=cfg.instance_spec()
+    )
     precisions: tuple[DType, ...] = ("float32",)
     agree = _bf16_agreement(served, data.val[:16], provisional.input, device)
     if agree >= 0.995:
@@ -586,6 +623,7 @@ def export(cfg: TrainConfig, data: Data, state: dict[str, Any], device: torch.de
         "val_dice": round(rep32["dice"], 4),
         "val_iou": round(rep32["iou"], 4),
         "val_pixel_accuracy": round(rep32["pixel_accuracy"], 4),
+        **{k: round(v, 4) for k, v in _instance_metrics(rep32).items()},
     }
     training = {
         "data_dir": Path(cfg.data_dir).name,
@@ -617,7 +655,7 @@ def export(cfg: TrainConfig, data: Data, state: dict[str, Any], device: torch.de
         "train_seconds": round(state["elapsed"], 1),
         **({"init_from": state["init_from"]} if state.get("init_from") else {}),
         "bf16_mask_agreement": round(agree, 5),
-        "val_report": {k: rep32[k] for k in ("per_image_dice", "classes")},
+        "val_report": {k: rep32[k] for k in ("per_image_dice", "classes", "foreground", "instances") if k in rep32},
         "torch": torch.__version__,
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -662,7 +700,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the bundle from the run's best epoch so far (e.g. of a paused run) and exit",
     )
     p.add_argument("--max-epochs-this-run", type=int, default=0, help="pause after N epochs (resume later)")
-    p.add_argument("--mask", default="binary", help="binary[:T] | binary-inverted[:T] | index | palette:RRGGBB,...")
+    p.add_argument(
+        "--mask",
+        default="binary",
+        help="binary[:T] | binary-inverted[:T] | index | palette:RRGGBB,... | instances[:boundary=W] "
+        "(instances/ folder; with boundary=W: background, interior and a W-pixel boundary class)",
+    )
+    p.add_argument(
+        "--min-area",
+        type=int,
+        default=16,
+        metavar="PX",
+        help="instance masks: drop predicted instances under PX pixels (recorded in the card)",
+    )
     p.add_argument("--classes", default="background,foreground", help="comma-separated class names, id order")
     p.add_argument("--colors", default="", help="comma-separated RRGGBB colors, one per class")
     p.add_argument("--channels", type=int, choices=[1, 3], default=3)
@@ -780,6 +830,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for flag in ("brightness", "contrast", "saturation"):
         if not 0 <= getattr(args, flag) < 1:
             raise SystemExit(f"--{flag} takes a fraction in [0, 1), got {getattr(args, flag)}")
+    if args.min_area < 0:
+        raise SystemExit(f"--min-area takes a number of pixels >= 0, got {args.min_area}")
+    try:
+        MaskSpec.parse(args.mask)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if not 0 <= args.border_crops <= 1:
         raise SystemExit(f"--border-crops takes a probability in [0, 1], got {args.border_crops}")
     return TrainConfig(
@@ -824,6 +880,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         extra_data=tuple(args.extra_data),
         extra_mask=args.extra_mask,
         init=args.init,
+        min_area=args.min_area,
         augment=AugmentConfig(
             scale=parse_scale(args.scale),
             rotate_deg=args.rotate,

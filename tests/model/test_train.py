@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from model.bundle import load_bundle
+from model.bundle import InstanceSpec, load_bundle
 from model.train import (
     SideOutputs,
     TrainConfig,
@@ -21,7 +21,7 @@ from model.train import (
     structure_loss,
     train,
 )
-from tests.model.synthetic import config, write_disc_dataset
+from tests.model.synthetic import config, write_disc_dataset, write_touching_discs
 
 CPU = torch.device("cpu")
 
@@ -357,3 +357,46 @@ def test_extra_data_with_an_unnamed_class_is_refused(tmp_path: Path) -> None:
         Image.fromarray(np.full((40, 48), 2, np.uint8)).save(f)
     with pytest.raises(ValueError, match="class id 2"):
         load_data(config(tmp_path, data, extra_data=(str(extra),), extra_mask="index"), CPU)
+
+
+def test_instance_masks_train_three_classes_and_the_card_says_how_to_split_them(tmp_path: Path) -> None:
+    data = write_touching_discs(tmp_path / "data", n=8)
+    cfg = config(
+        tmp_path,
+        data,
+        mask="instances:boundary=2",
+        class_names=("background", "nucleus", "boundary"),
+        epochs=2,
+        min_area=4,
+    )
+    loaded = load_data(cfg, CPU)
+    assert {int(v) for y in loaded.train_y for v in y.unique()} == {0, 1, 2}
+    assert all(s.instances is not None and s.instances.max() == 2 for s in loaded.val)
+    summary = train(cfg, log=False)
+    card = load_bundle(tmp_path / "run" / "bundle").card
+    assert card.instances == InstanceSpec("watershed", interior=1, boundary=2, min_area=4)
+    assert card.training["mask"] == "instances:boundary=2"
+    assert {"val_map", "val_ap50", "val_foreground_dice", "val_foreground_iou"} <= set(card.metrics)
+    assert card.training["val_report"]["instances"]["true_objects"] == 2 * len(loaded.val)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # The best epoch is the one with the highest validation mAP.
+    assert summary["best"] == max(r["val_map"] for r in rows)
+    assert rows[summary["best_epoch"] - 1]["val_map"] == summary["best"]
+
+
+def test_configs_written_before_instances_resume_unchanged(tmp_path: Path) -> None:
+    data = write_disc_dataset(tmp_path / "data", n=4)
+    old = config(tmp_path, data).to_dict()
+    del old["min_area"]
+    cfg = TrainConfig.from_dict(old)
+    assert cfg == config(tmp_path, data) and cfg.min_area == 16 and cfg.instance_spec() is None
+    assert config(tmp_path, data, mask="instances").instance_spec() == InstanceSpec("components", 1, min_area=16)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--mask", "instances:boundary=0"], "boundary=W"), (["--min-area", "-1"], "--min-area")],
+)
+def test_bad_instance_flags_are_refused(tmp_path: Path, flags: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        main(["--data", str(tmp_path), "--name", "x", *flags])
