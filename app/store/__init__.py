@@ -281,13 +281,20 @@ class UploadStore:
 
 
 def open_metadata(url: str, data_dir: Path) -> Metadata:
-    """``""`` (SQLite in ``data_dir``), ``sqlite:///path`` or ``postgresql://user:pw@host/db``."""
+    """``""`` (SQLite in ``data_dir``), ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` (SQLAlchemy's
+    form: the path is what follows the third slash), or ``postgresql://user:pw@host/db``."""
     scheme = urlsplit(url).scheme
     if not url or scheme == "sqlite":
         from app.store.sqlite import SqliteMetadata
 
-        path = Path(unquote(urlsplit(url).path)) if url else Path(data_dir) / "uploads.sqlite3"
-        return SqliteMetadata(path)
+        if not url:
+            return SqliteMetadata(Path(data_dir) / "uploads.sqlite3")
+        path = unquote(urlsplit(url).path)[1:]
+        if urlsplit(url).netloc or not path:
+            raise ValueError(
+                f"UNETSEG_DATABASE_URL: a SQLite URL is sqlite:///relative or sqlite:////absolute, not {url!r}"
+            )
+        return SqliteMetadata(Path(path))
     if scheme in ("postgresql", "postgres"):
         from app.store.postgres import PostgresMetadata
 

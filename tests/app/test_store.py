@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +33,7 @@ from tests.backends import S3_ENV, new_bucket, postgres_database, s3_emulator
 from tests.conftest import make_settings, wait_ready
 from tests.helpers import image_bytes
 
+ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ["sqlite+local", "sqlite+s3", "postgres+file", "postgres+s3"]
 
 
@@ -386,6 +390,40 @@ def test_the_same_bytes_put_at_once_on_two_replicas_are_created_once(backend: Ba
         s.close()
 
 
+# A replica in a process of its own: waits for the start file, puts blobs 0..N-1 and prints what it created.
+REPLICA = """
+import json, pathlib, sys, time
+from app.config import Settings
+from app.store import open_store
+urls, start, n = json.loads(sys.argv[1]), pathlib.Path(sys.argv[2]), int(sys.argv[3])
+store = open_store(Settings(**urls))
+while not start.exists():
+    time.sleep(0.005)
+created = [store.put(bytes([i]) * 100_000 + bytes(i), 1, 1, "png")[1] for i in range(n)]
+store.close()
+print(json.dumps(created))
+"""
+
+
+def test_two_replica_processes_putting_the_same_bytes_create_each_upload_once(backend: Backend, tmp_path: Path) -> None:
+    n = 12
+    start = tmp_path / "start"
+    urls = json.dumps({k: str(v) for k, v in backend.urls.items()})
+    procs = [
+        subprocess.Popen([sys.executable, "-c", REPLICA, urls, str(start), str(n)], stdout=subprocess.PIPE, cwd=ROOT)
+        for _ in range(2)
+    ]
+    start.touch()
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    created = [json.loads(out) for out in outputs]
+    assert [a + b for a, b in zip(*created, strict=True)] == [1] * n  # each upload created by one of them
+    store = backend.open()
+    assert rows(store) == {uid_of(bytes([i]) * 100_000 + bytes(i)) for i in range(n)}
+    consistent(store)
+    store.close()
+
+
 def test_a_put_whose_upload_a_concurrent_put_evicts_still_answers(
     backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -470,10 +508,24 @@ def test_the_sqlite_database_is_wal_and_passes_its_integrity_check(tmp_path: Pat
     db.close()
 
 
+def test_sqlite_urls_name_a_relative_or_an_absolute_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for url, path in [("sqlite:///rel/meta.db", tmp_path / "rel" / "meta.db"), (f"sqlite:///{tmp_path}/abs.db", None)]:
+        store = open_store(Settings(data_dir=tmp_path / "data", database_url=url))
+        uid = store.put(blob(96), 1, 1, "png")[0].id
+        store.close()
+        db = sqlite3.connect(path or tmp_path / "abs.db")
+        assert db.execute("SELECT id FROM uploads").fetchall() == [(uid,)]
+        db.close()
+    assert not (tmp_path / "data" / "uploads.sqlite3").exists()
+
+
 @pytest.mark.parametrize(
     ("field", "url", "message"),
     [
         ("database_url", "mysql://h/db", "unsupported scheme 'mysql'"),
+        ("database_url", "sqlite://host/x.db", "sqlite:///relative or sqlite:////absolute"),
+        ("database_url", "sqlite:///", "sqlite:///relative or sqlite:////absolute"),
         ("blob_url", "gs://bucket", "unsupported scheme 'gs'"),
         ("blob_url", "file://host/path", "names a local path"),
         ("blob_url", "s3:///prefix", "no bucket"),
