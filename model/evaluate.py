@@ -263,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--no-instances",
         action="store_true",
-        help="skip the instance metric for a binary model on a dataset with instances/",
+        help="skip the instance metric (by default: for instance models, and for binary models on a dataset "
+        "with instances/)",
     )
     p.add_argument(
         "--min-area",
@@ -293,13 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device)
     model = bundle.model.to(device)
     names = [c.name for c in card.classes]
-    instances = card.instances
-    truth_ids: dict[str, Path] = {}
-    binary = len(names) == 2 and spec.kind != "instances"
-    if instances is None and binary and not args.no_instances and (args.data_dir / "instances").is_dir():
+    instances = None if args.no_instances else card.instances
+    has_ids = (args.data_dir / "instances").is_dir()
+    if instances is None and not args.no_instances and len(names) == 2 and has_ids:
         # A binary model: its mask's connected components against the true instances.
-        truth_ids = index_folder(args.data_dir / "instances")
         instances = InstanceSpec("components", 1)
+    # Under another mask spec than "instances", the true instance ids are read beside the masks.
+    truth_ids = index_folder(args.data_dir / "instances") if instances and has_ids and spec.kind != "instances" else {}
     if instances is not None and args.min_area is not None:
         instances = replace(instances, min_area=args.min_area)
     samples = [load_sample(i, m, spec, card.input.channels, truth_ids.get(i.stem)) for i, m in pairs]

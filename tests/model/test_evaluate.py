@@ -101,3 +101,8 @@ def test_an_instance_model_is_scored_on_its_watershed_instances(
         assert report["foreground"]["classes"] == ["class1", "class2"]
         assert 0 <= report["foreground"]["dice"] <= 1
     assert "foreground (class1 + class2) dice" in capsys.readouterr().out
+    # Against the binary masks, the true instances are read from instances/ beside them.
+    assert main([str(data), "--model", str(tmp_path / "b"), "--mask", "binary", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["plain"]["instances"]["true_objects"] == 6
+    assert main([str(data), "--model", str(tmp_path / "b"), "--no-instances", "--json", str(out)]) == 0
+    assert "instances" not in json.loads(out.read_text())["plain"]
