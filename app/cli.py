@@ -1,4 +1,4 @@
-"""The ``unetseg`` command: serve, predict, train, evaluate.
+"""The ``unetseg`` command: serve, predict, segment, train, evaluate.
 
 ``train`` and ``evaluate`` run the training module, which does not need the web stack.
 """
@@ -84,10 +84,13 @@ def serve(argv: Sequence[str]) -> int:
 
 
 def predict(argv: Sequence[str]) -> int:
+    import asyncio
+
     from app.config import Settings
     from app.engine import Engine, resolve_device
     from app.errors import ServiceError
-    from app.imaging import decode, encode_mask_png, encode_overlay_png
+    from app.imaging import encode_mask_png, encode_overlay_png
+    from app.segment import segment_image
 
     defaults = Settings()
     p = argparse.ArgumentParser(prog="unetseg predict", description="Segment image files without HTTP.")
@@ -134,16 +137,18 @@ def predict(argv: Sequence[str]) -> int:
         colors = [c.color for c in m.card.classes]
         for path in args.images:
             try:
-                decoded = decode(path.read_bytes(), defaults.max_pixels)
-                seg = engine.segment_sync(m.name, decoded.for_model(m.card.input.channels))
+                data = path.read_bytes()
+                full = args.format == "overlay"
+                decoded, seg = asyncio.run(segment_image(engine, m.name, data, defaults.max_pixels, None, full))
             except (ServiceError, OSError) as exc:
                 print(f"{path}: {exc}", file=sys.stderr)
                 failures += 1
                 continue
+            level = defaults.png_compress_level
             png = (
-                encode_mask_png(seg.mask, colors)
+                encode_mask_png(seg.mask, colors, level)
                 if args.format == "png"
-                else encode_overlay_png(decoded.rgb, seg.mask, colors, 0.5)
+                else encode_overlay_png(decoded.rgb, seg.mask, colors, 0.5, level)
             )
             target = args.out / f"{path.stem}.png"
             target.write_bytes(png)
@@ -157,6 +162,7 @@ def predict(argv: Sequence[str]) -> int:
 COMMANDS = {
     "serve": "run the HTTP service",
     "predict": "segment image files",
+    "segment": "segment a folder or s3:// prefix of images into masks and summary.csv (resumable)",
     "train": "train a model bundle",
     "evaluate": "score a bundle on a dataset",
 }
@@ -165,7 +171,7 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: unetseg {serve,predict,train,evaluate} ...\n")
+        print(f"usage: unetseg {{{','.join(COMMANDS)}}} ...\n")
         for name, text in COMMANDS.items():
             print(f"  {name:<10}{text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -174,6 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(rest)
     if cmd == "predict":
         return predict(rest)
+    if cmd == "segment":
+        from app.segment import main as segment_main
+
+        return segment_main(rest)
     if cmd == "train":
         from model.train import main as train_main
 
