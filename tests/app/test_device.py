@@ -129,3 +129,31 @@ def test_each_cuda_worker_has_its_own_stream(tmp_path: Path) -> None:
     engine.stop()
     assert torch.cuda.default_stream().cuda_stream not in streams
     assert 1 <= len(streams) <= 2
+
+
+def test_a_compiled_model_meets_no_new_shape_after_warmup(tmp_path: Path) -> None:
+    """Dynamo's own guards decide: after warm-up, other batch sizes and small or odd images add no graph.
+
+    (The eager backend: the same tracing and guards as UNETSEG_COMPILE, without generating code.)
+    """
+    from torch._dynamo.utils import counters
+
+    folder, _, _ = write_tiny_bundle(tmp_path / "t", channels=1, sizing="tile", size=32)
+    engine = ModelEngine(load_bundle(folder), torch.device("cpu"), torch.float32, max_batch=8)
+    engine.model = torch.compile(engine.model, backend="eager")
+    engine.compiled = True
+    torch._dynamo.reset()
+    counters.clear()
+    engine.warmup()
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    engine.start()
+    try:
+        for n in (3, 5, 7, 2, 8, 1):
+            engine.submit(torch.zeros(n, 1, 32, 32)).result(60)
+        for size in [(10, 10), (50, 70), (1, 300)]:
+            engine.submit_work(make_work(engine, np.zeros(size, np.uint8), None)).result(60)
+    finally:
+        engine.stop()
+        torch._dynamo.reset()
+    assert counters["stats"]["unique_graphs"] == graphs
