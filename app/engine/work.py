@@ -3,8 +3,8 @@
 A tiled image is never turned into all of its tiles at once: ``TiledWork`` keeps the decoded uint8 image,
 cuts and normalises a tile when the scheduler puts it in a batch, and adds each tile's logits into one
 accumulator as they come back. The accumulator (one float32 plane for a binary model, K otherwise) and
-the final mask are the only full-size buffers besides the decoded image: about 8 bytes per pixel for an
-RGB binary model, where making every tile up front took about 64.
+the final mask (and its temporary) are the only full-size buffers besides the decoded image: 9 bytes per
+pixel for an RGB binary model, where making every tile up front took about 64.
 """
 
 from __future__ import annotations
