@@ -159,6 +159,8 @@ class Engine:
         """
         engine = self.get(name)
         loop = asyncio.get_running_loop()
+        if disconnected is not None and await disconnected():  # gone while its image was being decoded
+            raise ClientGone("the client closed the connection before its prediction started")
         nbytes = work_bytes(image, engine.card.input, len(engine.card.classes), size)
         self.budget.reserve(nbytes, self._retry_after_s())
         try:
