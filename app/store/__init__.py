@@ -209,7 +209,11 @@ class UploadStore:
                 if upload is None:
                     self.blobs.publish(staged)
                     upload = make_upload(uid, width, height, fmt, len(data), self.clock())
-                    rows.insert(upload)
+                    try:
+                        rows.insert(upload)
+                    except BaseException:
+                        self.blobs.delete(uid)  # still under the lock: no other put can have published it
+                        raise
                 self._evict(rows, keep=uid)
         finally:
             self.blobs.discard(staged)

@@ -48,10 +48,11 @@ class SqliteMetadata(Metadata):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield SqlRows(self._db.execute)
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # also when the COMMIT itself failed (disk full, I/O error)
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._write_lock, self._read_lock:

@@ -192,6 +192,35 @@ def insert_row(store: UploadStore, uid: str, size: int) -> None:
         rows_.insert(make_upload(uid, 1, 1, "png", size, 1.0))
 
 
+def test_a_put_whose_row_fails_leaves_nothing_behind_and_the_store_goes_on(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = backend.open()
+    data = blob(8)
+    real_write = store.meta.write
+
+    @contextmanager
+    def failing_write() -> Iterator[Rows]:
+        with real_write() as r:
+
+            def insert(upload: Any) -> bool:
+                raise OSError("the database is gone")
+
+            monkeypatch.setattr(r, "insert", insert)
+            yield r
+
+    monkeypatch.setattr(store.meta, "write", failing_write)
+    with pytest.raises(OSError, match="the database is gone"):
+        store.put(data, 1, 1, "png")
+    monkeypatch.setattr(store.meta, "write", real_write)
+    assert store.get(uid_of(data)) is None and blob_names(store) == set()
+    consistent(store)
+    upload, created = store.put(data, 1, 1, "png")
+    assert created and store.read(upload.id) == data
+    consistent(store)
+    store.close()
+
+
 def test_recovery_removes_orphan_blobs_and_rows_without_blobs(
     backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
