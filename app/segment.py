@@ -197,6 +197,7 @@ class Outcome:
     height: int = 0
     counts: tuple[int, ...] = ()  # pixels per class
     error: str = ""
+    finished: float = 0.0  # time.time() when its worker was done with it (throughput, across processes)
 
 
 @dataclass(frozen=True)
@@ -268,9 +269,9 @@ class Segmenter:
             data = await loop.run_in_executor(self.pool, self.source.read, rel)
             decoded, seg = await segment_image(self.engine, self.card.name, data, self.options.max_pixels, self.pool)
         except (ServiceError, OSError) as exc:
-            return Outcome(rel, b"", error=str(exc) or type(exc).__name__)
+            return Outcome(rel, b"", error=str(exc) or type(exc).__name__, finished=time.time())
         png, counts = await loop.run_in_executor(self.pool, self._encode, seg.mask)
-        return Outcome(rel, png, decoded.width, decoded.height, counts)
+        return Outcome(rel, png, decoded.width, decoded.height, counts, finished=time.time())
 
     def run(self, paths: Iterable[str]) -> Iterator[Outcome]:
         """Outcomes in the order they finish, with at most twice the thread count in flight."""
@@ -311,6 +312,7 @@ class RayMapper:
             "height": np.array([o.height for o in outcomes], dtype=np.int64),
             "counts": np.array([o.counts or (0,) * k for o in outcomes], dtype=np.int64).reshape(len(outcomes), k),
             "error": np.array([o.error for o in outcomes], dtype=object),
+            "finished": np.array([o.finished for o in outcomes], dtype=np.float64),
         }
 
 
@@ -343,13 +345,14 @@ def remove_partial(dst: Path) -> int:
 
 
 def read_mask(path: Path, card: Card) -> Outcome | None:
-    """An existing mask's size and class counts; None when it is not a mask of this model (redo it)."""
+    """An existing mask's size and class counts; None when there is none, or it is not one of this model's."""
     try:
         with Image.open(path) as im:
-            if im.format != "PNG" or im.mode != "P":
-                return None
+            palette = (im.getpalette() or []) if im.mode == "P" else []
+            if im.format != "PNG" or palette[: 3 * len(card.classes)] != [v for c in card.classes for v in c.color]:
+                return None  # not a mask of this model's classes
             mask = np.asarray(im)
-    except (OSError, SyntaxError, ValueError):
+    except (OSError, SyntaxError, ValueError):  # FileNotFoundError included
         return None
     k = len(card.classes)
     if mask.ndim != 2 or (mask.size and int(mask.max()) >= k):
@@ -429,8 +432,9 @@ class Report:
     written: int = 0
     errors: list[Outcome] = field(default_factory=list)
     done: int = 0  # images this run segmented or failed on
-    seconds: float = 0.0  # from loading the model (and starting Ray) to the last image
-    first_s: float = 0.0  # from the same start to the first image's outcome
+    seconds: float = 0.0  # from loading the model (and starting Ray) to the last mask written
+    first_s: float = 0.0  # from the same start to when a worker finished the first image
+    last_s: float = 0.0  # ... and the last one
 
     @property
     def images_per_s(self) -> float:
@@ -439,8 +443,8 @@ class Report:
 
     @property
     def steady_images_per_s(self) -> float:
-        """Images per second after the first one (start-up excluded)."""
-        span = self.seconds - self.first_s
+        """Images per second between the workers' first and last finished image (start-up excluded)."""
+        span = self.last_s - self.first_s
         return (self.done - 1) / span if self.done > 1 and span > 0 else 0.0
 
 
@@ -472,8 +476,8 @@ def run(
     remove_partial(dst)
     report = Report()
     rows: dict[str, Outcome] = {}
-    todo: list[str] = []
-    claimed: dict[str, str] = {}  # mask path -> the image it belongs to
+    targets: dict[str, str] = {}  # image -> its mask's relative path
+    claimed: dict[str, str] = {}  # mask -> the image it belongs to
     for rel in source.list():
         report.images += 1
         target = mask_path(rel)
@@ -483,41 +487,50 @@ def run(
             rows[rel] = Outcome(rel, b"", error=f"{claimed[target]} has the same mask path {target}")
         else:
             claimed[target] = rel
-            existing = read_mask(dst / target, card) if (dst / target).is_file() else None
-            if existing is None:
+            targets[rel] = target
+    report.errors = [o for o in rows.values() if o.error]
+    # Masks already there are skipped; reading them back (in parallel) keeps their summary rows.
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        existing = pool.map(lambda rel: read_mask(dst / targets[rel], card), targets)
+        todo = []
+        for rel, found in zip(targets, existing, strict=True):
+            if found is None:
                 todo.append(rel)
             else:
-                rows[rel] = Outcome(rel, b"", existing.width, existing.height, existing.counts)
+                rows[rel] = Outcome(rel, b"", found.width, found.height, found.counts)
                 report.skipped += 1
-    report.errors = [o for o in rows.values() if o.error]
     bar = Progress(len(todo), progress) if progress is not None and todo else None
     options = Options.from_settings(bundle, settings)
-    t0 = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        if not todo:
-            outcomes: Iterator[Outcome] = iter(())
-        elif use_ray:
-            outcomes = _ray_outcomes(source, options, todo, ray_address, workers)
-        else:
-            segmenter = Segmenter(source, options, workers or settings.io_threads or os.cpu_count() or 1)
-            stack.callback(segmenter.close)
-            outcomes = segmenter.run(todo)
-        for o in outcomes:
-            if o.error:
-                report.errors.append(o)
+    t0 = time.time()
+    first = last = t0
+    try:
+        with contextlib.ExitStack() as stack:
+            if not todo:
+                outcomes: Iterator[Outcome] = iter(())
+            elif use_ray:
+                outcomes = _ray_outcomes(source, options, todo, ray_address, workers)
             else:
-                write_atomic(dst / (mask_path(o.path) or ""), o.png)
-                report.written += 1
-            rows[o.path] = Outcome(o.path, b"", o.width, o.height, o.counts, o.error)
-            report.done += 1
-            if report.done == 1:
-                report.first_s = time.perf_counter() - t0
-            if bar:
-                bar.update(bool(o.error))
-    report.seconds = time.perf_counter() - t0
-    if bar:
-        bar.close()
-    write_summary(dst, card, rows.values())
+                segmenter = Segmenter(source, options, workers or settings.io_threads or os.cpu_count() or 1)
+                stack.callback(segmenter.close)
+                outcomes = segmenter.run(todo)
+            for o in outcomes:
+                if o.error:
+                    report.errors.append(o)
+                else:
+                    write_atomic(dst / targets[o.path], o.png)
+                    report.written += 1
+                rows[o.path] = Outcome(o.path, b"", o.width, o.height, o.counts, o.error)
+                report.done += 1
+                first = o.finished if report.done == 1 else min(first, o.finished)
+                last = max(last, o.finished)
+                if bar:
+                    bar.update(bool(o.error))
+        report.seconds = time.time() - t0
+        report.first_s, report.last_s = first - t0, last - t0
+    finally:  # also when interrupted: the summary then lists what is done so far
+        if bar:
+            bar.close()
+        write_summary(dst, card, rows.values())
     return report
 
 
@@ -557,6 +570,7 @@ def _ray_outcomes(
                 int(row["height"]),
                 tuple(int(c) for c in row["counts"]),
                 str(row["error"]),
+                float(row["finished"]),
             )
     finally:
         if started:

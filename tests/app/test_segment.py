@@ -172,6 +172,21 @@ def test_a_mask_that_is_not_one_is_redone(tmp_path: Path, src: Path, weights_dir
     assert target.read_bytes() == good
 
 
+def test_images_with_one_mask_path_and_masks_of_another_model(tmp_path: Path, weights_dir: Path) -> None:
+    src = make_src(tmp_path / "src", {"x.jpg": GOOD["nested/b.jpg"], "x.png": GOOD["a.png"]})
+    dst = tmp_path / "out"
+    report = run(str(src), dst, find_bundle("tiny", weights_dir), Settings())
+    assert (report.written, [(o.path, o.error) for o in report.errors]) == (
+        1,
+        [("x.png", "x.jpg has the same mask path x.png")],
+    )
+    with Image.open(dst / "x.png") as im:
+        assert im.size == (200, 150)  # x.jpg's
+    # Another model's masks (other class colors) in the same folder are not taken for this one's.
+    report = run(str(src), dst, find_bundle("tiles", weights_dir), Settings())
+    assert (report.written, report.skipped) == (1, 0)
+
+
 def test_killed_run_leaves_only_whole_masks_and_resumes(tmp_path: Path, weights_dir: Path) -> None:
     src = make_src(tmp_path / "src", {f"part{i % 4}/img{i:03}.png": image_bytes(48, 32, seed=i) for i in range(300)})
     dst = tmp_path / "out"
