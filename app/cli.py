@@ -93,7 +93,10 @@ def predict(argv: Sequence[str]) -> int:
     from app.segment import segment_image
 
     defaults = Settings()
-    p = argparse.ArgumentParser(prog="unetseg predict", description="Segment image files without HTTP.")
+    p = argparse.ArgumentParser(
+        prog="unetseg predict",
+        description="Segment image files in this process, or with --url on a running service.",
+    )
     p.add_argument("images", nargs="+", type=Path)
     p.add_argument(
         "--model",
@@ -103,12 +106,30 @@ def predict(argv: Sequence[str]) -> int:
     p.add_argument("--format", choices=["png", "overlay"], default="png")
     p.add_argument("--weights-dir", type=Path, default=defaults.weights_dir)
     p.add_argument("--device", default=defaults.device)
+    remote = p.add_argument_group("on a running service")
+    remote.add_argument("--url", help="send the images to the service at this URL (e.g. http://host:8000)")
+    remote.add_argument("--api-key", help="the service's API key, when it needs one")
+    remote.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
     args = p.parse_args(argv)
     first_of: dict[str, Path] = {}
     for path in args.images:  # each mask is OUT/<stem>.png: refuse before writing any
         first = first_of.setdefault(path.stem, path)
         if first != path:
             p.error(f"{first} and {path} would both be written to {args.out / (path.stem + '.png')}; rename one")
+    if args.url:
+        from app import client
+
+        if args.concurrency < 1:
+            p.error("--concurrency must be at least 1")
+        return client.main(
+            args.images,
+            args.url,
+            args.out,
+            api_key=args.api_key,
+            model=args.model,
+            format=args.format,
+            concurrency=args.concurrency,
+        )
     weights_dir = args.weights_dir
     if args.model and (Path(args.model) / "card.json").is_file():  # a bundle folder: served alone
         weights_dir, args.model = Path(args.model), None
