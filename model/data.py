@@ -135,7 +135,8 @@ def instance_targets(ids: np.ndarray, boundary: int) -> np.ndarray:
 
     A pixel is boundary when its (2 boundary + 1)-square window holds another id (background or another
     instance): the window's maximum or minimum differs from it. Outside the image the edge pixels repeat, so
-    an instance cut by the image border gets no boundary along it (its outline there is unknown).
+    an instance cut by the image border gets no boundary along it (its outline there is unknown). An
+    instance too thin to keep an interior keeps its innermost pixels as interior (one marker per instance).
     ``boundary`` == 0: class 1 wherever there is an instance.
     """
     fg = ids > 0
@@ -145,6 +146,21 @@ def instance_targets(ids: np.ndarray, boundary: int) -> np.ndarray:
         hi = ndi.maximum_filter(ids, size=size, mode="nearest")
         lo = ndi.minimum_filter(ids, size=size, mode="nearest")
         out[fg & ((hi != ids) | (lo != ids))] = 2
+        # An instance less than 2 boundary + 1 pixels thick has no interior left, so no watershed marker and
+        # nothing to tell it from a touching neighbour: its innermost pixels (farthest from any other id)
+        # stay interior.
+        lost = np.setdiff1d(np.unique(ids[fg]), np.unique(ids[out == 1]))
+        if lost.size:
+            boxes = ndi.find_objects(ids)
+            for i in lost.tolist():
+                rows, cols = boxes[i - 1]
+                window = (
+                    slice(max(0, rows.start - 1), rows.stop + 1),
+                    slice(max(0, cols.start - 1), cols.stop + 1),
+                )
+                inside = ids[window] == i
+                depth = ndi.distance_transform_edt(inside)
+                out[window][inside & (depth == depth.max())] = 1
     return out
 
 

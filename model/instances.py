@@ -6,7 +6,7 @@
 Post-processing (``InstanceSpec.method``, recorded in the card):
 
 - ``watershed``: the class map is the argmax of the logits, so the instances partition exactly the
-  foreground (interior or boundary) of the semantic mask. The 4-connected components of the interior class
+  foreground (interior or boundary) of the semantic mask. The 8-connected components of the interior class
   are the markers; a marker-controlled watershed (scikit-image) floods the foreground from them over
   1 - p(interior), so touching objects meet where the model is least sure a pixel is interior. Foreground
   that no marker reaches (a small object predicted as boundary only) becomes an instance of its own.
@@ -47,7 +47,7 @@ def instances_from_logits(logits: torch.Tensor | np.ndarray, spec: InstanceSpec)
         raise ValueError("the watershed method needs a boundary class")
     interior = classes == spec.interior
     foreground = interior | (classes == spec.boundary)
-    markers, n = ndi.label(interior)
+    markers, n = ndi.label(interior, structure=_EIGHT)
     ids = np.zeros(classes.shape, dtype=np.int32)
     if n:
         p_interior = x.softmax(0)[spec.interior].numpy()

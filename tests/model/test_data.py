@@ -111,6 +111,12 @@ def test_instance_targets_mark_the_pixels_next_to_another_id() -> None:
     ]
     assert instance_targets(ids, 2)[3].tolist() == [1, 1, 2, 2, 2, 2, 1, 1]
     assert instance_targets(ids, 0).tolist() == (ids > 0).astype(np.uint8).tolist()
+    # A bar 3 pixels thick loses every pixel to a 2-pixel boundary but keeps its middle row as interior.
+    bar = np.zeros((7, 12), dtype=np.int32)
+    bar[2:5, 1:11] = 1
+    t = instance_targets(bar, 2)
+    assert t[3, 3:9].tolist() == [1] * 6 and (t[2] != 1).all() and (t[4] != 1).all()
+    assert set(np.unique(t[bar == 1]).tolist()) == {1, 2}
 
 
 def test_sixteen_bit_instance_masks_load_with_their_ids(tmp_path: Path) -> None:
