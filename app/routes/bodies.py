@@ -172,7 +172,8 @@ PREDICT_BODY: dict[str, Any] = {
                 "title": "PredictForm",
                 "type": "object",
                 "description": "`file` or `upload_id`, not both.",
-                "properties": {"file": FILE_FIELD, "upload_id": UPLOAD_ID_FIELD},
+                # The example is empty: docs pages fill the field with it, and a file then goes alone.
+                "properties": {"file": FILE_FIELD, "upload_id": {**UPLOAD_ID_FIELD, "examples": [""]}},
             },
             "encoding": {"file": {"contentType": "image/*, application/octet-stream"}},
         },
