@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Protocol
@@ -59,18 +59,27 @@ async def segment_image(
     max_pixels: int,
     executor: concurrent.futures.Executor | None = None,
     full_image: bool = False,
+    timeout_s: float | None = None,
+    disconnected: Callable[[], Awaitable[bool]] | None = None,
 ) -> tuple[Decoded, Segmentation]:
-    """Decode and segment image bytes as ``POST /v1/predict`` does, off the event loop. Raises ServiceError.
+    """Decode and segment image bytes, off the event loop: the pipeline of ``POST /v1/predict``,
+    ``unetseg predict`` and ``unetseg segment``. Raises ServiceError.
 
-    A model that resizes its input gets a JPEG decoded at a reduced scale, as in the service, unless
-    ``full_image`` (the caller draws the mask over the image's own pixels).
+    A model that resizes its input gets a JPEG decoded at a reduced scale, unless ``full_image`` (the
+    caller draws the mask over the image's own pixels). ``timeout_s`` and ``disconnected`` as in
+    ``Engine.segment``. The segmentation's timings add ``decode`` (seconds) to the engine's.
     """
     m = engine.get(name)
     policy = m.card.input
     reduce_to = policy.size if policy.sizing == "resize" and not full_image else None
+    t0 = time.perf_counter()
     decoded = await asyncio.get_running_loop().run_in_executor(executor, decode, data, max_pixels, reduce_to)
     image = decoded.for_model(policy.channels)
-    seg = await engine.segment(m.name, image, executor, None, (decoded.height, decoded.width))
+    decode_s = time.perf_counter() - t0
+    seg = await engine.segment(
+        m.name, image, executor, timeout_s, (decoded.height, decoded.width), disconnected=disconnected
+    )
+    seg.timings["decode"] = decode_s
     return decoded, seg
 
 

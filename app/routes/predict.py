@@ -11,10 +11,11 @@ from fastapi.responses import JSONResponse, Response
 
 from app.deps import EngineDep, KeyCheckedRoute, StateDep, StoreDep
 from app.errors import UnknownUpload
-from app.imaging import decode, encode_mask_png, encode_overlay_png, mask_summary
+from app.imaging import encode_mask_png, encode_overlay_png, mask_summary
 from app.routes.bodies import PREDICT_BODY, read_image_or_upload_id
 from app.routes.errors import ERRORS
 from app.schemas import Prediction
+from app.segment import segment_image
 
 router = APIRouter(tags=["predict"], route_class=KeyCheckedRoute)
 
@@ -98,26 +99,25 @@ async def predict(
     if data is None:
         raise UnknownUpload(f"no upload with id {sent.upload_id!r}")
     loop = asyncio.get_running_loop()
-    policy = m.card.input
-    # A model that resizes its input needs no more pixels than its input size, unless the full image is
-    # drawn in the response (overlay).
-    reduce_to = policy.size if policy.sizing == "resize" and format != "overlay" else None
-    decoded = await loop.run_in_executor(state.executor, decode, data, settings.max_pixels, reduce_to)
-    image = decoded.for_model(policy.channels)
     t1 = time.perf_counter()
-    seg = await engine.segment(
+    # The pipeline `unetseg predict` and `unetseg segment` share. A model that resizes its input needs no
+    # more pixels than its input size, unless the full image is drawn in the response (overlay).
+    decoded, seg = await segment_image(
+        engine,
         m.name,
-        image,
+        data,
+        settings.max_pixels,
         state.executor,
-        settings.request_timeout_s,
-        (decoded.height, decoded.width),
+        full_image=format == "overlay",
+        timeout_s=settings.request_timeout_s,
         disconnected=request.is_disconnected,  # a client that hangs up stops its job
     )
     t2 = time.perf_counter()
     colors = [c.color for c in m.card.classes]
     headers = {"X-Model": m.name, "X-Model-Version": m.card.version}
     # "decode" covers reading, decoding and preparing the model's inputs (resizing or tiling).
-    timings = {"decode": t1 - t0 + seg.timings["prepare"], "queue": seg.timings["queue"], "model": seg.timings["model"]}
+    st = seg.timings
+    timings = {"decode": t1 - t0 + st["decode"] + st["prepare"], "queue": st["queue"], "model": st["model"]}
     request.state.timings = timings  # the same dict: "encode" is added below
     if format == "json":
         classes = [(c.id, c.name) for c in m.card.classes]
