@@ -37,7 +37,9 @@ def postgres_admin() -> Any:
     try:
         return psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
-        unavailable(f"no PostgreSQL at {ADMIN_URL} ({str(exc).strip().splitlines()[0]}); `bash .ci/run` starts one")
+        parts = urlsplit(ADMIN_URL)
+        where = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))  # without the password
+        unavailable(f"no PostgreSQL at {where} ({str(exc).strip().splitlines()[0]}); `bash .ci/run` starts one")
 
 
 @contextmanager
