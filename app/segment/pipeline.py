@@ -1,0 +1,227 @@
+"""One image through the service's pipeline, and the workers that run it on many: in-process or as Ray actors."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from app.config import Settings
+from app.engine import Engine, Segmentation, resolve_device
+from app.errors import ServiceError
+from app.imaging import Decoded, decode, encode_mask_png
+from app.segment.sources import Source
+from model.bundle import load_bundle
+
+
+async def segment_image(
+    engine: Engine,
+    name: str | None,
+    data: bytes,
+    max_pixels: int,
+    executor: concurrent.futures.Executor | None = None,
+    full_image: bool = False,
+    timeout_s: float | None = None,
+    disconnected: Callable[[], Awaitable[bool]] | None = None,
+) -> tuple[Decoded, Segmentation]:
+    """Decode and segment image bytes, off the event loop: the pipeline of ``POST /v1/predict``,
+    ``unetseg predict`` and ``unetseg segment``. Raises ServiceError.
+
+    A model that resizes its input gets a JPEG decoded at a reduced scale, unless ``full_image`` (the
+    caller draws the mask over the image's own pixels). ``timeout_s`` and ``disconnected`` as in
+    ``Engine.segment``. The segmentation's timings add ``decode`` (seconds) to the engine's.
+    """
+    m = engine.get(name)
+    policy = m.card.input
+    reduce_to = policy.size if policy.sizing == "resize" and not full_image else None
+    t0 = time.perf_counter()
+    decoded = await asyncio.get_running_loop().run_in_executor(executor, decode, data, max_pixels, reduce_to)
+    image = decoded.for_model(policy.channels)
+    decode_s = time.perf_counter() - t0
+    seg = await engine.segment(
+        m.name, image, executor, timeout_s, (decoded.height, decoded.width), disconnected=disconnected
+    )
+    seg.timings["decode"] = decode_s
+    return decoded, seg
+
+
+def class_counts(mask: np.ndarray, num_classes: int) -> tuple[int, ...]:
+    """(H, W) uint8 class ids -> pixels per class."""
+    return tuple(int(n) for n in np.bincount(mask.ravel(), minlength=num_classes)[:num_classes])
+
+
+@dataclass(frozen=True)
+class Outcome:
+    path: str  # the image's relative path
+    png: bytes  # the mask; empty when the image could not be segmented
+    width: int = 0
+    height: int = 0
+    counts: tuple[int, ...] = ()  # pixels per class
+    error: str = ""
+    finished: float = 0.0  # time.time() when its worker was done with it (throughput, across processes)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a worker needs besides the source: picklable, taken from Settings on the driver."""
+
+    bundle: Path
+    device: str
+    precision: str
+    max_batch: int
+    max_wait_s: float
+    max_pixels: int
+    compress_level: int
+    streams: int
+
+    @classmethod
+    def from_settings(cls, bundle: Path, s: Settings) -> Options:
+        return cls(
+            bundle.resolve(),
+            s.device,
+            s.precision,
+            s.max_batch,
+            s.max_wait_ms / 1000,
+            s.max_pixels,
+            s.png_compress_level,
+            s.streams,
+        )
+
+
+class Segmenter:
+    """One model's engine, an event loop and a pool of threads that read, decode and encode images.
+
+    Images go through the service's own path (``segment_image``), several at once, so that the engine
+    batches their forward passes as it does for concurrent requests.
+    """
+
+    def __init__(self, source: Source, options: Options, threads: int) -> None:
+        self.source = source
+        self.options = options
+        self.threads = max(1, threads)
+        bundle = load_bundle(options.bundle)
+        self.card = bundle.card
+        self.colors = [c.color for c in self.card.classes]
+        device = resolve_device(options.device)
+        # A job that keeps the model busy gets more from one single-thread forward pass per core than from
+        # one pass on every core (whose threads wait for each other, and for anything else on the machine).
+        streams = max(options.streams, os.cpu_count() or 1) if device.type == "cpu" else options.streams
+        self.engine = Engine(
+            [bundle],
+            device,
+            precision=options.precision,
+            max_batch=options.max_batch,
+            max_wait_s=options.max_wait_s,
+            queue_size=max(64, 2 * self.threads),
+            streams=streams,
+        )
+        self.engine.start(warmup=False)
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, "unetseg-segment")
+        self.loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self.loop.run_forever, name="unetseg-segment-loop", daemon=True)
+        self._loop_thread.start()
+
+    def _encode(self, mask: np.ndarray) -> tuple[bytes, tuple[int, ...]]:
+        return encode_mask_png(mask, self.colors, self.options.compress_level), class_counts(mask, len(self.colors))
+
+    async def one(self, rel: str) -> Outcome:
+        loop = asyncio.get_running_loop()
+        try:
+            data = await loop.run_in_executor(self.pool, self.source.read, rel)
+            decoded, seg = await segment_image(self.engine, self.card.name, data, self.options.max_pixels, self.pool)
+        except (ServiceError, OSError) as exc:
+            return Outcome(rel, b"", error=str(exc) or type(exc).__name__, finished=time.time())
+        png, counts = await loop.run_in_executor(self.pool, self._encode, seg.mask)
+        return Outcome(rel, png, decoded.width, decoded.height, counts, finished=time.time())
+
+    def run(self, paths: Iterable[str]) -> Iterator[Outcome]:
+        """Outcomes in the order they finish, with at most twice the thread count in flight."""
+        pending: set[concurrent.futures.Future[Outcome]] = set()
+        try:
+            for rel in paths:
+                pending.add(asyncio.run_coroutine_threadsafe(self.one(rel), self.loop))
+                if len(pending) >= 2 * self.threads:
+                    done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                    yield from (f.result() for f in done)
+            for f in concurrent.futures.as_completed(pending):
+                yield f.result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._loop_thread.join()
+        self.loop.close()
+        self.pool.shutdown()
+        self.engine.stop()
+
+
+class RayMapper:
+    """The callable class of the Ray Data stage: a batch of relative paths in, their outcomes out."""
+
+    def __init__(self, source: Source, options: Options, threads: int) -> None:
+        self.segmenter = Segmenter(source, options, threads)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outcomes = list(self.segmenter.run(str(p) for p in batch["path"]))
+        k = len(self.segmenter.colors)
+        return {
+            "path": np.array([o.path for o in outcomes], dtype=object),
+            "png": np.array([o.png for o in outcomes], dtype=object),
+            "width": np.array([o.width for o in outcomes], dtype=np.int64),
+            "height": np.array([o.height for o in outcomes], dtype=np.int64),
+            "counts": np.array([o.counts or (0,) * k for o in outcomes], dtype=np.int64).reshape(len(outcomes), k),
+            "error": np.array([o.error for o in outcomes], dtype=object),
+            "finished": np.array([o.finished for o in outcomes], dtype=np.float64),
+        }
+
+
+def ray_outcomes(
+    source: Source, options: Options, todo: Sequence[str], address: str | None, workers: int | None
+) -> Iterator[Outcome]:
+    """Segment ``todo`` on Ray Data: an actor pool of ``workers`` Segmenters, one GPU each when there are GPUs."""
+    import ray
+    import ray.data
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address)
+    try:
+        resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+        gpus = int(resources.get("GPU", 0))
+        cpus = float(resources.get("CPU", 1))
+        n = workers or max(1, gpus)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the job shows its own
+        # Enough threads per actor to keep a batch in flight on a GPU; on the CPU the forward pass is the limit.
+        threads = options.max_batch if gpus else 2
+        ds = ray.data.from_items([{"path": p} for p in todo]).map_batches(
+            RayMapper,
+            fn_constructor_args=(source, options, threads),
+            batch_size=max(8, 2 * threads),
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=n),
+            num_gpus=1 if gpus else None,
+            num_cpus=None if gpus else min(1.0, cpus / n),  # n actors fit on the CPUs there are
+        )
+        for row in ds.iter_rows():
+            yield Outcome(
+                str(row["path"]),
+                bytes(row["png"]),
+                int(row["width"]),
+                int(row["height"]),
+                tuple(int(c) for c in row["counts"]),
+                str(row["error"]),
+                float(row["finished"]),
+            )
+    finally:
+        if started:
+            ray.shutdown()
