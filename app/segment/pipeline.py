@@ -102,7 +102,8 @@ class Segmenter:
     batches their forward passes as it does for concurrent requests.
     """
 
-    def __init__(self, source: Source, options: Options, threads: int) -> None:
+    def __init__(self, source: Source, options: Options, threads: int, cores: int | None = None) -> None:
+        """``threads`` read, decode and encode; ``cores``: the CPU cores this worker may use (default: all)."""
         self.source = source
         self.options = options
         self.threads = max(1, threads)
@@ -112,7 +113,7 @@ class Segmenter:
         device = resolve_device(options.device)
         # A job that keeps the model busy gets more from one single-thread forward pass per core than from
         # one pass on every core (whose threads wait for each other, and for anything else on the machine).
-        streams = max(options.streams, os.cpu_count() or 1) if device.type == "cpu" else options.streams
+        streams = max(options.streams, cores or os.cpu_count() or 1) if device.type == "cpu" else options.streams
         self.engine = Engine(
             [bundle],
             device,
@@ -167,8 +168,8 @@ class Segmenter:
 class RayMapper:
     """The callable class of the Ray Data stage: a batch of relative paths in, their outcomes out."""
 
-    def __init__(self, source: Source, options: Options, threads: int) -> None:
-        self.segmenter = Segmenter(source, options, threads)
+    def __init__(self, source: Source, options: Options, threads: int, cores: int | None) -> None:
+        self.segmenter = Segmenter(source, options, threads, cores)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outcomes = list(self.segmenter.run(str(p) for p in batch["path"]))
@@ -187,7 +188,8 @@ class RayMapper:
 def ray_outcomes(
     source: Source, options: Options, todo: Sequence[str], address: str | None, workers: int | None
 ) -> Iterator[Outcome]:
-    """Segment ``todo`` on Ray Data: an actor pool of ``workers`` Segmenters, one GPU each when there are GPUs."""
+    """Segment ``todo`` on Ray Data: an actor pool of ``workers`` Segmenters, each with a GPU when the cluster
+    has enough (a share of one when there are more workers than GPUs), else an equal share of the CPUs."""
     import ray
     import ray.data
 
@@ -205,12 +207,12 @@ def ray_outcomes(
         threads = options.max_batch if gpus else 2
         ds = ray.data.from_items([{"path": p} for p in todo]).map_batches(
             RayMapper,
-            fn_constructor_args=(source, options, threads),
+            fn_constructor_args=(source, options, threads, None if gpus else max(1, int(cpus / n))),
             batch_size=max(8, 2 * threads),
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=n),
-            num_gpus=1 if gpus else None,
-            num_cpus=None if gpus else min(1.0, cpus / n),  # n actors fit on the CPUs there are
+            num_gpus=min(1.0, gpus / n) if gpus else None,
+            num_cpus=None if gpus else cpus / n,
         )
         for row in ds.iter_rows():
             yield Outcome(
