@@ -1,6 +1,7 @@
 """Instances from a model's logits, and the 2018 Data Science Bowl metric that scores them.
 
     ids = instances_from_logits(logits, card.instances)   # (K, H, W) logits -> (H, W) int32, 0 = background
+    table = instance_properties(ids)                      # [{id, area, bbox, centroid}, ...]
     precision = image_precisions(truth_ids, ids)          # (10,) TP / (TP + FP + FN) at IoU 0.5 ... 0.95
 
 Post-processing (``InstanceSpec.method``, recorded in the card):
@@ -67,6 +68,29 @@ def _finish(ids: np.ndarray, min_area: int) -> np.ndarray:
         small[0] = False
         ids = np.where(small[ids], 0, ids)
     out: np.ndarray = relabel_sequential(ids)[0].astype(np.int32)
+    return out
+
+
+def instance_properties(ids: np.ndarray) -> list[dict[str, Any]]:
+    """Each instance of (H, W) ids 1..N: ``id``, ``area`` (pixels), ``bbox`` [x, y, w, h] and ``centroid``
+    [x, y] (the mean of its pixels' indices, rounded to 0.01), in id order."""
+    n = int(ids.max(initial=0))
+    if n == 0:
+        return []
+    out: list[dict[str, Any]] = []
+    for i, box in enumerate(ndi.find_objects(ids, n), start=1):
+        if box is None:  # an id with no pixels (ids not renumbered)
+            continue
+        rows, cols = box
+        ys, xs = np.nonzero(ids[box] == i)
+        out.append(
+            {
+                "id": i,
+                "area": int(ys.size),
+                "bbox": [cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start],
+                "centroid": [round(float(xs.mean()) + cols.start, 2), round(float(ys.mean()) + rows.start, 2)],
+            }
+        )
     return out
 
 

@@ -12,6 +12,7 @@ from model.data import instance_targets
 from model.instances import (
     THRESHOLDS,
     image_precisions,
+    instance_properties,
     instances_from_logits,
     iou_matrix,
     matches,
@@ -167,3 +168,14 @@ def test_components_are_eight_connected() -> None:
 def test_bad_logits_are_refused() -> None:
     with pytest.raises(ValueError, match="K, H, W"):
         instances_from_logits(torch.zeros(2, 4), WATERSHED)
+
+
+def test_instance_properties() -> None:
+    ids = boxes((10, 20), (1, 2, 3, 4), (5, 10, 2, 6))  # (top, left, height, width)
+    ids[9, 19] = 4  # id 3 has no pixels
+    assert instance_properties(ids) == [
+        {"id": 1, "area": 12, "bbox": [2, 1, 4, 3], "centroid": [3.5, 2.0]},
+        {"id": 2, "area": 12, "bbox": [10, 5, 6, 2], "centroid": [12.5, 5.5]},
+        {"id": 4, "area": 1, "bbox": [19, 9, 1, 1], "centroid": [19.0, 9.0]},
+    ]
+    assert instance_properties(np.zeros((3, 3), dtype=np.int32)) == []
