@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from app.config import Settings
 from app.engine import Engine, Segmentation, resolve_device
@@ -124,7 +125,10 @@ class Segmenter:
             streams=streams,
         )
         self.engine.start(warmup=False)
-        self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, "unetseg-segment")
+        # On the CPU the cores are the streams'; the threads' own torch work (resizing the input, upsampling
+        # the logits) runs on one thread each, not in parallel regions that contend with the streams'.
+        init = (lambda: torch.set_num_threads(1)) if device.type == "cpu" else None
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, "unetseg-segment", initializer=init)
         self.loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="unetseg-segment-loop", daemon=True)
         self._loop_thread.start()
