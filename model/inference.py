@@ -74,11 +74,21 @@ def gaussian_window(h: int, w: int, sigma_scale: float = 0.125) -> torch.Tensor:
     return win.clamp_min(1e-3)
 
 
+def pad_tile(tile: torch.Tensor, size: int) -> torch.Tensor:
+    """(C, h, w) normalised tile, h and w <= size -> (C, size, size), padded at the bottom and right with 0,
+    the normalisation mean: an image smaller than a tile is seen as if it stood on an average background,
+    and every input of a tile model has the one shape it was warmed up (and compiled) for."""
+    h, w = tile.shape[-2:]
+    if (h, w) == (size, size):
+        return tile
+    return F.pad(tile, (0, size - w, 0, size - h))
+
+
 def make_plan(image: np.ndarray, policy: InputPolicy, size: tuple[int, int] | None = None) -> Plan:
     """Turn an (H, W, C) or (H, W) uint8 image into model inputs according to ``policy``.
 
-    "resize": one input of ``size`` x ``size``. "tile": tiles of ``size`` x ``size`` at native scale (one
-    smaller tile when the image is smaller), all of one shape so that they batch together.
+    "resize": one input of ``size`` x ``size``. "tile": tiles of ``size`` x ``size`` at native scale (an
+    axis shorter than a tile is padded, see ``pad_tile``), all of one shape so that they batch together.
     ``size``: (height, width) the mask must have when ``image`` is a reduced copy (resize policies only).
     """
     h, w = size or image.shape[:2]
@@ -92,9 +102,8 @@ def make_plan(image: np.ndarray, policy: InputPolicy, size: tuple[int, int] | No
         raise ValueError("tiled inference needs the image at its full size")
     full = to_tensor(image, policy)  # (C, H, W)
     t = policy.size
-    th, tw = min(t, h), min(t, w)
     origins = [(y, x) for y in tile_origins(h, t, policy.overlap) for x in tile_origins(w, t, policy.overlap)]
-    tiles = torch.stack([full[:, y : y + th, x : x + tw] for y, x in origins])
+    tiles = torch.stack([pad_tile(full[:, y : y + t, x : x + t], t) for y, x in origins])
     return Plan(inputs=tiles, height=h, width=w, sizing="tile", origins=origins)
 
 
@@ -116,14 +125,17 @@ def blended_logits(plan: Plan, logits: torch.Tensor) -> torch.Tensor:
 
 
 def _blend(plan: Plan, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted sum (K, H, W) of the tiles' logits and the sum of weights (H, W), Gaussian window."""
-    k = logits.shape[1]
-    th, tw = logits.shape[-2:]
+    """Weighted sum (K, H, W) of the tiles' logits and the sum of weights (H, W), Gaussian window.
+
+    A padded tile (an axis shorter than the tile) contributes its part inside the image only.
+    """
+    k, t = logits.shape[1], logits.shape[-1]
+    th, tw = min(t, plan.height), min(t, plan.width)
     acc = torch.zeros(k, plan.height, plan.width)
     weight = torch.zeros(plan.height, plan.width)
-    win = gaussian_window(th, tw)
+    win = gaussian_window(t, t)[:th, :tw]
     for (y, x), tile in zip(plan.origins, logits, strict=True):
-        acc[:, y : y + th, x : x + tw].addcmul_(tile.float().cpu(), win)
+        acc[:, y : y + th, x : x + tw].addcmul_(tile[:, :th, :tw].float().cpu(), win)
         weight[y : y + th, x : x + tw].add_(win)
     return acc, weight
 

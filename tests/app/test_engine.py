@@ -231,3 +231,31 @@ def test_streams_must_be_positive(tmp_path: Path) -> None:
     folder, _, _ = write_tiny_bundle(tmp_path / "tiny")
     with pytest.raises(ValueError, match="streams"):
         ModelEngine(load_bundle(folder), torch.device("cpu"), torch.float32, streams=0)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+@pytest.mark.parametrize("shape", [(20, 27), (70, 45), (33, 100)])
+def test_lazy_tiles_give_the_plans_mask(classes: int, shape: tuple[int, int]) -> None:
+    # The engine cuts tiles as it batches them; evaluation (and the card's metrics) use the whole plan.
+    # Both must give one mask, for images smaller than a tile along one axis or both too.
+    from app.engine.work import TiledWork
+    from model.inference import finish, make_plan
+    from model.unet import UNet
+
+    card = tiny_card(classes=classes, sizing="tile", size=32)
+    torch.manual_seed(0)
+    model = UNet(card.architecture).eval()
+    image = np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    plan = make_plan(image, card.input)
+    with torch.no_grad():
+        expected = finish(plan, model(plan.inputs))
+        work = TiledWork(image, card.input, classes)
+        assert work.size == plan.inputs.shape[0]
+        for i in range(work.size):
+            x = work.item(i)
+            assert torch.equal(x, plan.inputs[i])
+            work.put(i, model(x[None])[0])
+    agree = float((work.mask() == expected).mean())
+    # The binary engine blends the logit difference, the plan both logits: the same argmax but for
+    # float rounding at exact ties.
+    assert agree == 1.0 if classes == 3 else agree > 0.999

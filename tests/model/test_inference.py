@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.bundle import InputPolicy
-from model.inference import _resize_argmax, blended_logits, finish, make_plan, tile_origins
+from model.inference import _resize_argmax, blended_logits, finish, make_plan, tile_origins, to_tensor
 from model.unet import UNet, UNetConfig
 
 
@@ -65,8 +65,7 @@ def test_tiled_equals_untiled_and_has_no_seams() -> None:
     assert plan.inputs.shape[0] > 4
     with torch.no_grad():
         tiled = blended_logits(plan, model(plan.inputs))
-        x = make_plan(img, policy("tile", 512)).inputs  # one tile: the whole image
-        whole = model(x)[0]
+        whole = model(to_tensor(img, p)[None])[0]  # the whole image in one pass
     assert tiled.shape == whole.shape == (2, 130, 150)
     err = (tiled - whole).abs()
     assert float(err.mean()) < 0.05 * float(whole.abs().mean())
@@ -77,12 +76,17 @@ def test_tiled_equals_untiled_and_has_no_seams() -> None:
     assert float(err[:, rows].mean()) < 3 * float(err.mean()) + 1e-4
 
 
-def test_tiles_of_a_small_image_shrink_to_it() -> None:
-    img = np.zeros((20, 50), dtype=np.uint8)
+def test_tiles_of_a_small_image_are_padded_with_the_mean() -> None:
+    img = np.full((20, 50), 200, dtype=np.uint8)
     plan = make_plan(img, policy("tile", 32, channels=1))
-    assert plan.inputs.shape == (2, 1, 20, 32)
-    mask = finish(plan, torch.randn(2, 3, 20, 32))
+    assert plan.inputs.shape == (2, 1, 32, 32)  # one shape for every input of the model
+    assert bool((plan.inputs[:, :, 20:] == 0).all()) and bool((plan.inputs[:, :, :20] != 0).all())
+    logits = torch.randn(2, 3, 32, 32)
+    logits[:, 2, 20:] = 100  # what the padding predicts never reaches the mask
+    mask = finish(plan, logits)
     assert mask.shape == (20, 50)
+    assert plan.origins == [(0, 0), (0, 18)]
+    assert torch.allclose(blended_logits(plan, logits)[:, :, :18], logits[0, :, :20, :18])  # tile 0 alone
 
 
 def test_channel_mismatch_is_an_error() -> None:
