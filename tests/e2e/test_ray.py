@@ -3,7 +3,8 @@
 One server for the module (Ray takes half a minute to start on two cores); the tests run in file order and
 the last one stops it:
 - both replicas answer (``X-Served-By``), and the masks are the one-process service's, byte for byte;
-- an upload stored through one replica is predicted by id on the other (they share UNETSEG_DATA_DIR);
+- an upload stored through one replica is predicted by id on the other (they share a store: metadata in a
+  throwaway PostgreSQL database, bytes under a file:// URL, as replicas on several machines would);
 - a replica's process killed with SIGKILL: the service keeps answering and Serve starts a new replica;
 - SIGTERM with a request in flight (its body still arriving): it gets its 200, the command exits 0, and
   no process it started (Ray's included) is left.
@@ -23,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -31,6 +33,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
+from tests.backends import postgres_database
 from tests.conftest import make_settings, wait_ready
 from tests.e2e.server import ROOT, free_port
 from tests.helpers import image_bytes
@@ -104,13 +107,21 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(weights: Path) -> Iterator[RayServer]:
+def shared_store(weights: Path) -> Iterator[dict[str, str]]:
+    """The store settings of the replicas: PostgreSQL metadata and file:// blobs."""
+    with postgres_database() as url:
+        yield {"UNETSEG_DATABASE_URL": url, "UNETSEG_BLOB_URL": (weights.parent / "blobs").as_uri()}
+
+
+@pytest.fixture(scope="module")
+def server(weights: Path, shared_store: dict[str, str]) -> Iterator[RayServer]:
     port = free_port()
     data_dir = weights.parent / "data"
     log = weights.parent / "serve.log"
     env = {
         **os.environ,
         **SETTINGS_ENV,
+        **shared_store,
         "UNETSEG_WEIGHTS_DIR": str(weights),
         "UNETSEG_DATA_DIR": str(data_dir),
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -216,7 +227,7 @@ def test_both_replicas_answer_with_the_one_process_masks(server: RayServer, one_
 
 
 def test_an_upload_through_one_replica_is_predicted_by_id_on_the_other(
-    server: RayServer, one_process: TestClient
+    server: RayServer, one_process: TestClient, shared_store: dict[str, str]
 ) -> None:
     img = image_bytes(77, 55, seed=5)
     with httpx.Client(timeout=30) as client:
@@ -224,6 +235,8 @@ def test_an_upload_through_one_replica_is_predicted_by_id_on_the_other(
         assert up.status_code in (200, 201)
         stored_by = server.served_by(up)
         upload_id = up.json()["id"]
+        blobs = Path(urlsplit(shared_store["UNETSEG_BLOB_URL"]).path)
+        assert [p.name for p in blobs.rglob(upload_id)] == [upload_id]  # the bytes went to the blob URL
         for _ in range(100):
             got = client.post(f"{server.base}/v1/predict", data={"upload_id": upload_id})
             if server.served_by(got) != stored_by:
