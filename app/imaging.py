@@ -1,4 +1,4 @@
-"""Bytes -> image (limits, formats, EXIF, modes) and mask -> PNG, overlay or JSON.
+"""Bytes -> image (limits, formats, EXIF, modes) and mask -> PNG, overlay or JSON; instance ids -> 16-bit PNG.
 
 Accepted formats: PNG (including APNG), JPEG, WebP, BMP, TIFF and GIF. Animated images (GIF, APNG, WebP,
 multi-page TIFF) are segmented on their first frame. Anything else, SVG included, is 415.
@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from app.errors import ImageTooLarge, InvalidImage
+from app.errors import ImageTooLarge, InvalidImage, InvalidRequest
 from model.data import pil_to_array
+from model.instances import instance_properties
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 ORIENTATION = 0x0112  # EXIF tag
@@ -201,3 +202,56 @@ def mask_summary(mask: np.ndarray, classes: list[tuple[int, str]]) -> list[dict[
             }
         )
     return out
+
+
+# The most instances a 16-bit PNG of ids can hold.
+MAX_PNG_INSTANCES = 65535
+
+
+def encode_instances_png(ids: np.ndarray, compress_level: int = 1) -> tuple[bytes, int]:
+    """(H, W) instance ids 0..N -> (16-bit grayscale PNG (Pillow mode "I;16") whose pixel values are the ids, N).
+
+    Raises InvalidRequest (422) when N > 65535, which 16 bits cannot hold."""
+    n = int(ids.max(initial=0))
+    if n > MAX_PNG_INSTANCES:
+        raise InvalidRequest(
+            f"the image has {n} instances; a 16-bit PNG holds at most {MAX_PNG_INSTANCES}: ask for format=json"
+        )
+    im = Image.fromarray(np.ascontiguousarray(ids, dtype=np.uint16))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue(), n
+
+
+def instance_rles(ids: np.ndarray) -> list[dict[str, Any]]:
+    """COCO-style RLE (as ``rle_encode``) of each instance 1..N of (H, W) ids, in one pass over the image."""
+    h, w = ids.shape
+    n = int(ids.max(initial=0))
+    flat = np.asarray(ids).ravel(order="F")
+    order = np.argsort(flat, kind="stable")  # positions grouped by id, ascending within each id
+    starts = np.searchsorted(flat[order], np.arange(n + 2))
+    out: list[dict[str, Any]] = []
+    for i in range(1, n + 1):
+        pos = order[starts[i] : starts[i + 1]]
+        if pos.size == 0:
+            out.append({"size": [h, w], "counts": [flat.size]})
+            continue
+        breaks = np.flatnonzero(np.diff(pos) != 1)
+        run_starts = np.concatenate(([pos[0]], pos[breaks + 1]))
+        run_ends = np.concatenate((pos[breaks] + 1, [pos[-1] + 1]))
+        # zeros before each run, then the run; the zeros after the last run close the image
+        gaps = run_starts - np.concatenate(([0], run_ends[:-1]))
+        counts = np.empty(2 * run_starts.size, dtype=np.int64)
+        counts[0::2] = gaps
+        counts[1::2] = run_ends - run_starts
+        tail = flat.size - int(run_ends[-1])
+        out.append({"size": [h, w], "counts": counts.tolist() + ([tail] if tail else [])})
+    return out
+
+
+def instance_summary(ids: np.ndarray, class_id: int) -> list[dict[str, Any]]:
+    """Per instance of (H, W) ids 1..N: id, class_id (the model's object class), area, bbox [x, y, w, h],
+    centroid [x, y] and COCO-style RLE."""
+    props = instance_properties(ids)
+    rles = instance_rles(ids)
+    return [{**p, "class_id": class_id, "rle": rles[p["id"] - 1]} for p in props]

@@ -45,6 +45,18 @@ class DatasetOut(BaseModel):
     citation: str
 
 
+class InstancesOut(BaseModel):
+    """How the model's class map becomes instances (its card's ``instances``)."""
+
+    method: Literal["watershed", "components"] = Field(
+        description="watershed: the interior class's components are markers flooding interior and boundary; "
+        "components: each connected component of the interior class is an instance."
+    )
+    interior: int = Field(examples=[1], description="The object class: every instance's class_id.")
+    boundary: int | None = Field(examples=[2], description="The boundary class (watershed), or null.")
+    min_area: int = Field(examples=[0], description="Instances smaller than this (pixels) are dropped.")
+
+
 class ModelOut(BaseModel):
     name: str = Field(examples=["polyp"])
     version: str = Field(examples=["1.0.0"])
@@ -57,6 +69,10 @@ class ModelOut(BaseModel):
     metrics: dict[str, float] = Field(examples=[{"val_dice": 0.81, "val_iou": 0.72}])
     dataset: DatasetOut
     architecture: dict[str, int | str | bool]
+    instances: InstancesOut | None = Field(
+        description="How the model separates objects, when it does (format=instances and the JSON's "
+        "instances); null for a semantic model."
+    )
 
 
 class ModelList(BaseModel):
@@ -100,10 +116,25 @@ class ClassArea(BaseModel):
     rle: RLE
 
 
+class Instance(BaseModel):
+    id: int = Field(examples=[1], description="Its pixel value in the format=instances PNG (1..N).")
+    class_id: int = Field(
+        examples=[1], description="The model's object class (its card's instances.interior); boundary pixels count."
+    )
+    area: int = Field(examples=[412], description="Pixels.")
+    bbox: tuple[int, int, int, int] = Field(description="[x, y, width, height]")
+    centroid: tuple[float, float] = Field(description="[x, y]: the mean of its pixels' indices, to 0.01.")
+    rle: RLE
+
+
 class Prediction(BaseModel):
     model: str = Field(examples=["polyp"])
     version: str = Field(examples=["1.0.0"])
     width: int
     height: int
     classes: list[ClassArea]
+    count: int | None = Field(None, description="Instances found (models with instances only; absent otherwise).")
+    instances: list[Instance] | None = Field(
+        None, description="Each instance, in id order (models with instances only; absent otherwise)."
+    )
     timings_ms: dict[str, float] = Field(examples=[{"decode": 4.1, "queue": 0.2, "model": 31.5, "encode": 0.9}])

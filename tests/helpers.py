@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.bundle import Card, ClassInfo, Dataset, InputPolicy, save_bundle
+from model.bundle import Card, ClassInfo, Dataset, InputPolicy, InstanceSpec, save_bundle
+from model.inference import to_tensor
 from model.unet import UNet, UNetConfig
 
 # Real datasets, read in place (UNETSEG_DATASETS, default ../shared/datasets beside the checkout);
@@ -64,3 +65,18 @@ def image_bytes(
     buf = io.BytesIO()
     im.save(buf, format=fmt, **save_args)
     return buf.getvalue()
+
+
+def write_instance_bundle(folder: Path, spec: InstanceSpec, seed: int = 1, **card_args: Any) -> tuple[Path, Card]:
+    """A tiny bundle whose card has ``instances``, its output bias shifted so that every class wins somewhere
+    (each class's median logit on a generated image becomes 0): an untrained tiny model otherwise often
+    predicts one class everywhere, and has no instances to show."""
+    folder, card, model = write_tiny_bundle(folder, seed=seed, instances=spec, **card_args)
+    mode = "RGB" if card.input.channels == 3 else "L"
+    size = card.input.size
+    image = np.asarray(Image.open(io.BytesIO(image_bytes(size, size, seed=99))).convert(mode))
+    with torch.no_grad():
+        out = model(to_tensor(image, card.input)[None])[0]  # (K, size, size)
+        model.outc.conv.bias -= out.flatten(1).median(1).values
+    save_bundle(folder, card, model, "float32")
+    return folder, card

@@ -26,7 +26,8 @@ from app.engine.device import device_supports, native_bf16, resolve_device, reso
 from app.engine.scheduler import EngineStats, Job, ModelEngine, Timing
 from app.engine.work import TRIM_BYTES, MemoryBudget, ResizedWork, TiledWork, trim_memory, work_bytes
 from app.errors import RequestTimeout, ServiceError, UnknownModel
-from model.bundle import Bundle, discover, load_bundle
+from model.bundle import Bundle, InstanceSpec, discover, load_bundle
+from model.instances import instances_from_logits
 
 __all__ = [
     "ClientGone",
@@ -61,6 +62,13 @@ class Segmentation:
     mask: np.ndarray  # (H, W) uint8 class ids
     model: str
     timings: dict[str, float] = field(default_factory=dict)  # seconds: prepare, queue, model (+ finish)
+    instances: np.ndarray | None = None  # (H, W) int32 ids 0..N when asked for, for a model with instances
+
+
+def finish_work(work: ResizedWork | TiledWork, spec: InstanceSpec | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The (H, W) uint8 class map and, with ``spec``, the (H, W) int32 instance ids, from the blended logits."""
+    mask = work.mask()
+    return mask, (instances_from_logits(work.logits(), spec) if spec is not None else None)
 
 
 def make_work(engine: ModelEngine, image: np.ndarray, size: tuple[int, int] | None) -> ResizedWork | TiledWork:
@@ -149,19 +157,22 @@ class Engine:
         timeout_s: float | None = None,
         size: tuple[int, int] | None = None,
         disconnected: Callable[[], Awaitable[bool]] | None = None,
+        instances: bool = False,
     ) -> Segmentation:
         """Segment an (H, W[, C]) uint8 image, already in the model's channels, off the event loop.
 
         ``size``: the (height, width) of the mask when ``image`` is a reduced copy (see ``make_plan``).
         ``disconnected``: polled while the job waits (``request.is_disconnected``); when it says so, the job
         is dropped and ``ClientGone`` raised. Over the memory budget: ``Overloaded`` (503) or, for an image
-        that alone would pass it, ``ImageTooLarge`` (413).
+        that alone would pass it, ``ImageTooLarge`` (413). ``instances``: also make the instance ids, when
+        the model's card has ``instances`` (in the executor, like the mask; their time counts as the model's).
         """
         engine = self.get(name)
+        spec = engine.card.instances if instances else None
         loop = asyncio.get_running_loop()
         if disconnected is not None and await disconnected():  # gone while its image was being decoded
             raise ClientGone("the client closed the connection before its prediction started")
-        nbytes = work_bytes(image, engine.card.input, len(engine.card.classes), size)
+        nbytes = work_bytes(image, engine.card.input, len(engine.card.classes), size, spec is not None)
         self.budget.reserve(nbytes, self._retry_after_s())
         try:
             t0 = time.perf_counter()
@@ -173,7 +184,7 @@ class Engine:
             finally:
                 fut.cancel()  # a no-op once done; otherwise the job leaves the queue now
             t0 = time.perf_counter()
-            mask = await loop.run_in_executor(executor, work.mask)
+            mask, ids = await loop.run_in_executor(executor, finish_work, work, spec)
             model_s = timing.model_s + time.perf_counter() - t0
             del work
         finally:
@@ -181,7 +192,7 @@ class Engine:
             if nbytes >= TRIM_BYTES:
                 with contextlib.suppress(RuntimeError):  # the executor is shutting down
                     loop.run_in_executor(executor, trim_memory)
-        return Segmentation(mask, engine.name, {"prepare": prepare_s, "queue": timing.queue_s, "model": model_s})
+        return Segmentation(mask, engine.name, {"prepare": prepare_s, "queue": timing.queue_s, "model": model_s}, ids)
 
     @staticmethod
     async def _wait(
@@ -205,14 +216,15 @@ class Engine:
             if disconnected is not None and await disconnected():
                 raise ClientGone("the client closed the connection; its prediction was dropped")
 
-    def segment_sync(self, name: str | None, image: np.ndarray) -> Segmentation:
+    def segment_sync(self, name: str | None, image: np.ndarray, instances: bool = False) -> Segmentation:
         """The same pipeline without an event loop (for the CLI)."""
         engine = self.get(name)
+        spec = engine.card.instances if instances else None
         t0 = time.perf_counter()
         work = make_work(engine, image, None)
         prepare_s = time.perf_counter() - t0
         timing = engine.submit_work(work).result()
         t1 = time.perf_counter()
-        mask = work.mask()
+        mask, ids = finish_work(work, spec)
         model_s = timing.model_s + time.perf_counter() - t1
-        return Segmentation(mask, engine.name, {"prepare": prepare_s, "queue": timing.queue_s, "model": model_s})
+        return Segmentation(mask, engine.name, {"prepare": prepare_s, "queue": timing.queue_s, "model": model_s}, ids)

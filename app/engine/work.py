@@ -19,11 +19,19 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from app.errors import ImageTooLarge, Overloaded
 from model.bundle import InputPolicy
-from model.inference import _BAND_PIXELS, Plan, finish, gaussian_window, make_plan, tile_origins
+from model.inference import (
+    _BAND_PIXELS,
+    Plan,
+    blended_logits,
+    finish,
+    gaussian_window,
+    make_plan,
+    pad_tile,
+    tile_origins,
+)
 
 log = logging.getLogger("unetseg.engine")
 
@@ -44,6 +52,12 @@ class Work(Protocol):
     def put(self, index: int, logits: torch.Tensor) -> None:
         """Take the (K, h, w) float32 logits of input ``index`` (any thread; each index once)."""
         ...
+
+
+def instance_bytes(pixels: int, classes: int) -> int:
+    """What making instances adds to a job: the (K, H, W) logits at the image's size and their softmax
+    (float32), the ids, markers and the watershed's own buffers (about 24 bytes a pixel)."""
+    return pixels * (8 * classes + 24)
 
 
 class TensorWork:
@@ -70,8 +84,8 @@ class TensorWork:
 class TiledWork:
     """Overlapping tiles of ``policy.size`` over an (H, W[, C]) uint8 image, blended with a Gaussian window.
 
-    Tiles along an axis shorter than a tile are padded up to the tile size with the normalisation mean
-    (0 after normalising), so every input has the one shape the model was warmed up on.
+    Tiles are cut, normalised and padded as ``model.inference.make_plan`` makes them (``pad_tile``), and
+    blended with the same window, so the mask is the one ``finish`` gives for the whole plan.
     """
 
     def __init__(self, image: np.ndarray, policy: InputPolicy, classes: int) -> None:
@@ -113,9 +127,7 @@ class TiledWork:
         y, x, h, w = self._valid(index)
         crop = np.ascontiguousarray(self.image[y : y + h, x : x + w])
         tile = torch.from_numpy(crop).permute(2, 0, 1).float().div_(255.0).sub_(self.mean).div_(self.std)
-        if (h, w) != (self.tile, self.tile):
-            tile = F.pad(tile, (0, self.tile - w, 0, self.tile - h))  # the mean, after normalising
-        return tile
+        return pad_tile(tile, self.tile)
 
     def put(self, index: int, logits: torch.Tensor) -> None:
         y, x, h, w = self._valid(index)
@@ -129,6 +141,16 @@ class TiledWork:
         if self.binary:
             return (self.acc[0] > 0).numpy().astype(np.uint8)
         return self.acc.argmax(0).to(torch.uint8).numpy()
+
+    def logits(self) -> torch.Tensor:
+        """(K, H, W) float32 blended logits at the image's size (the weighted mean of the tiles'), once every
+        tile is in. A binary model's come back as (0, class 1 minus class 0): the same argmax and softmax."""
+        weight = torch.zeros(self.height, self.width)
+        for index in range(self.size):
+            y, x, h, w = self._valid(index)
+            weight[y : y + h, x : x + w].add_(self.window[:h, :w])
+        mean = self.acc / weight
+        return torch.cat([torch.zeros_like(mean), mean]) if self.binary else mean
 
 
 class ResizedWork(TensorWork):
@@ -150,13 +172,23 @@ class ResizedWork(TensorWork):
         assert self.outputs is not None
         return finish(self.plan, self.outputs)
 
+    def logits(self) -> torch.Tensor:
+        """(K, H, W) float32 logits upsampled to the image's size."""
+        assert self.outputs is not None
+        return blended_logits(self.plan, self.outputs)
 
-def work_bytes(image: np.ndarray, policy: InputPolicy, classes: int, size: tuple[int, int] | None) -> int:
-    """What a request for ``image`` will hold until its mask is made, before any of it is allocated."""
+
+def work_bytes(
+    image: np.ndarray, policy: InputPolicy, classes: int, size: tuple[int, int] | None, instances: bool = False
+) -> int:
+    """What a request for ``image`` will hold until its mask (and its instances) are made, before any of it
+    is allocated."""
+    h, w = size or image.shape[:2]
+    extra = instance_bytes(int(h) * int(w), classes) if instances else 0
     if policy.sizing == "resize":
-        return ResizedWork.bytes_needed(image, size, classes)
+        return ResizedWork.bytes_needed(image, size, classes) + extra
     h, w = image.shape[:2]
-    return TiledWork.bytes_needed(h, w, policy.channels, classes)
+    return TiledWork.bytes_needed(h, w, policy.channels, classes) + extra
 
 
 class MemoryBudget:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path
 from app.deps import EngineDep, KeyCheckedRoute
 from app.engine import ModelEngine
 from app.routes.errors import ERRORS
-from app.schemas import ClassOut, DatasetOut, InputPolicyOut, ModelList, ModelOut
+from app.schemas import ClassOut, DatasetOut, InputPolicyOut, InstancesOut, ModelList, ModelOut
 
 router = APIRouter(tags=["models"], route_class=KeyCheckedRoute)
 
@@ -37,6 +37,14 @@ def describe(m: ModelEngine, default: bool) -> ModelOut:
             name=c.dataset.name, url=c.dataset.url, license=c.dataset.license, citation=c.dataset.citation
         ),
         architecture=c.architecture.to_dict(),
+        instances=InstancesOut(
+            method=c.instances.method,
+            interior=c.instances.interior,
+            boundary=c.instances.boundary,
+            min_area=c.instances.min_area,
+        )
+        if c.instances is not None
+        else None,
     )
 
 
@@ -45,7 +53,8 @@ def describe(m: ModelEngine, default: bool) -> ModelOut:
     summary="List the models",
     response_model=ModelList,
     description="Every loaded model: version, classes and colors, input policy, validation metrics, "
-    "whether it is the default, and the device and precision it runs with.",
+    "whether it is the default, the device and precision it runs with, and whether (and how) it separates "
+    "instances.",
     responses={k: ERRORS[k] for k in (401, 503)},
 )
 def list_models(engine: EngineDep) -> ModelList:

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.deps import EngineDep, KeyCheckedRoute, StateDep, StoreDep
-from app.errors import UnknownUpload
-from app.imaging import encode_mask_png, encode_overlay_png, mask_summary
+from app.errors import InvalidRequest, UnknownUpload
+from app.imaging import encode_instances_png, encode_mask_png, encode_overlay_png, instance_summary, mask_summary
 from app.routes.bodies import PREDICT_BODY, read_image_or_upload_id
 from app.routes.errors import ERRORS
 from app.schemas import Prediction
@@ -19,7 +19,14 @@ from app.segment import segment_image
 
 router = APIRouter(tags=["predict"], route_class=KeyCheckedRoute)
 
-PNG_BINARY = {"schema": {"type": "string", "format": "binary"}}
+PNG_BINARY = {
+    "schema": {
+        "type": "string",
+        "format": "binary",
+        "description": "format=png and overlay: an 8-bit palette or RGB PNG. format=instances: a 16-bit grayscale "
+        "PNG (0 = background, 1..N the instance ids).",
+    }
+}
 PREDICTION_EXAMPLE = {
     "model": "polyp",
     "version": "1.0.0",
@@ -61,7 +68,11 @@ def server_timing(timings: dict[str, float]) -> str:
         "- `format=png` (default): a palette PNG at the image's displayed size whose pixel values are class ids "
         "and whose palette holds the class colors: viewable and machine-readable.\n"
         "- `format=overlay`: the image with the non-background classes blended over it at opacity `alpha`.\n"
-        "- `format=json`: per class its pixel count, fraction, bounding box and COCO-style RLE.\n\n"
+        "- `format=json`: per class its pixel count, fraction, bounding box and COCO-style RLE; for a model with "
+        "instances also `count` and `instances` (per instance: id, class_id, area, bbox, centroid, RLE).\n"
+        "- `format=instances` (models with instances, see `GET /v1/models/{name}`; 422 otherwise): a 16-bit "
+        "grayscale PNG at the image's displayed size whose pixel values are instance ids (0 = background, 1..N), "
+        "with `X-Instance-Count: N`; 422 when N > 65535.\n\n"
         "Every response carries `Server-Timing` (decode, queue, model, encode) and `X-Model`."
     ),
     response_class=Response,
@@ -71,6 +82,12 @@ def server_timing(timings: dict[str, float]) -> str:
             "description": "The mask.",
             "model": Prediction,  # the application/json schema, with the models it refers to
             "content": {"image/png": PNG_BINARY, "application/json": {"example": PREDICTION_EXAMPLE}},
+            "headers": {
+                "X-Instance-Count": {
+                    "description": "format=instances: the number of instances N (the PNG's largest id).",
+                    "schema": {"type": "integer", "minimum": 0},
+                }
+            },
         },
         **{k: ERRORS[k] for k in (400, 401, 404, 413, 415, 422, 503, 504)},
     },
@@ -84,7 +101,8 @@ async def predict(
         str | None, Query(description="Model name; the default model when omitted.", examples=["polyp"])
     ] = None,
     format: Annotated[
-        Literal["png", "overlay", "json"], Query(description="Response format.", examples=["json"])
+        Literal["png", "overlay", "json", "instances"],
+        Query(description="Response format (instances: models with instances only).", examples=["json"]),
     ] = "png",
     alpha: Annotated[float, Query(ge=0, le=1, description="Mask opacity for format=overlay.", examples=[0.5])] = 0.5,
 ) -> Response:
@@ -92,6 +110,9 @@ async def predict(
     t0 = time.perf_counter()
     m = engine.get(model)  # 404 for an unknown model before any work is done
     request.state.model = m.name  # for the access log and metrics
+    spec = m.card.instances
+    if format == "instances" and spec is None:
+        raise InvalidRequest(f"model {m.name!r} does not produce instances; format=instances needs one that does")
     sent = await read_image_or_upload_id(request, settings.max_upload_bytes)
     data = sent.data
     if sent.upload_id is not None:  # in the executor: a lookup and a read of up to 20 MB block
@@ -111,6 +132,7 @@ async def predict(
         full_image=format == "overlay",
         timeout_s=settings.request_timeout_s,
         disconnected=request.is_disconnected,  # a client that hangs up stops its job
+        instances=format in ("json", "instances"),  # no-op for a semantic model
     )
     t2 = time.perf_counter()
     colors = [c.color for c in m.card.classes]
@@ -122,17 +144,34 @@ async def predict(
     if format == "json":
         classes = [(c.id, c.name) for c in m.card.classes]
         summary = await loop.run_in_executor(state.executor, mask_summary, seg.mask, classes)
+        extra: dict[str, object] = {}
+        if spec is not None and seg.instances is not None:
+            found = await loop.run_in_executor(state.executor, instance_summary, seg.instances, spec.interior)
+            extra = {"count": len(found), "instances": found}
         timings["encode"] = time.perf_counter() - t2
-        body = Prediction(
-            model=m.name,
-            version=m.card.version,
-            width=decoded.width,
-            height=decoded.height,
-            classes=summary,
-            timings_ms={k: round(v * 1000, 3) for k, v in timings.items()},
+        body = Prediction.model_validate(
+            {
+                "model": m.name,
+                "version": m.card.version,
+                "width": decoded.width,
+                "height": decoded.height,
+                "classes": summary,
+                **extra,
+                "timings_ms": {k: round(v * 1000, 3) for k, v in timings.items()},
+            }
         )
         headers["Server-Timing"] = server_timing(timings)
-        return JSONResponse(body.model_dump(mode="json"), headers=headers)
+        # count and instances are left out, not null, for a semantic model
+        return JSONResponse(body.model_dump(mode="json", exclude_unset=True), headers=headers)
+    if format == "instances":
+        assert seg.instances is not None
+        png, count = await loop.run_in_executor(
+            state.executor, encode_instances_png, seg.instances, settings.png_compress_level
+        )
+        timings["encode"] = time.perf_counter() - t2
+        headers["Server-Timing"] = server_timing(timings)
+        headers["X-Instance-Count"] = str(count)
+        return Response(png, media_type="image/png", headers=headers)
     if format == "overlay":
         png = await loop.run_in_executor(
             state.executor, encode_overlay_png, decoded.rgb, seg.mask, colors, alpha, settings.png_compress_level

@@ -31,13 +31,15 @@ async def segment_image(
     full_image: bool = False,
     timeout_s: float | None = None,
     disconnected: Callable[[], Awaitable[bool]] | None = None,
+    instances: bool = False,
 ) -> tuple[Decoded, Segmentation]:
     """Decode and segment image bytes, off the event loop: the pipeline of ``POST /v1/predict``,
     ``unetseg predict`` and ``unetseg segment``. Raises ServiceError.
 
     A model that resizes its input gets a JPEG decoded at a reduced scale, unless ``full_image`` (the
-    caller draws the mask over the image's own pixels). ``timeout_s`` and ``disconnected`` as in
-    ``Engine.segment``. The segmentation's timings add ``decode`` (seconds) to the engine's.
+    caller draws the mask over the image's own pixels). ``timeout_s``, ``disconnected`` and ``instances`` (ids
+    for a model with instances) as in ``Engine.segment``. The segmentation's timings add ``decode`` (seconds)
+    to the engine's.
     """
     m = engine.get(name)
     policy = m.card.input
@@ -47,7 +49,13 @@ async def segment_image(
     image = decoded.for_model(policy.channels)
     decode_s = time.perf_counter() - t0
     seg = await engine.segment(
-        m.name, image, executor, timeout_s, (decoded.height, decoded.width), disconnected=disconnected
+        m.name,
+        image,
+        executor,
+        timeout_s,
+        (decoded.height, decoded.width),
+        disconnected=disconnected,
+        instances=instances,
     )
     seg.timings["decode"] = decode_s
     return decoded, seg

@@ -296,7 +296,10 @@ def test_openapi_documents_every_endpoint(client: TestClient) -> None:
         assert op["summary"] and op.get("description"), (path, method)
     predict = paths["/v1/predict"]["post"]
     content = predict["responses"]["200"]["content"]
-    assert content["image/png"]["schema"] == {"type": "string", "format": "binary"}
+    png = content["image/png"]["schema"]
+    assert (png["type"], png["format"]) == ("string", "binary") and "16-bit" in png["description"]
+    assert "X-Instance-Count" in predict["responses"]["200"]["headers"]
+    assert "instances" in next(p for p in predict["parameters"] if p["name"] == "format")["schema"]["enum"]
     assert "application/json" in content
     for code in ("404", "413", "415", "422", "503"):
         assert code in predict["responses"]

@@ -44,7 +44,12 @@ def test_every_operation_has_a_summary_a_description_examples_and_its_errors(cli
     predict = spec["paths"]["/v1/predict"]["post"]
     assert "Retry-After" in predict["responses"]["503"]["headers"]
     content = predict["responses"]["200"]["content"]
-    assert content["image/png"]["schema"] == {"type": "string", "format": "binary"}
+    assert {k: content["image/png"]["schema"][k] for k in ("type", "format")} == {"type": "string", "format": "binary"}
+    assert "X-Instance-Count" in predict["responses"]["200"]["headers"]
+    schemas = spec["components"]["schemas"]
+    assert set(schemas["Instance"]["required"]) == {"id", "class_id", "area", "bbox", "centroid", "rle"}
+    assert {"count", "instances"} <= set(schemas["Prediction"]["properties"])
+    assert "instances" in schemas["ModelOut"]["properties"]
     assert content["application/json"]["example"]["classes"][1]["name"] == "polyp"
     assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     error_body = spec["components"]["schemas"]["ErrorBody"]
