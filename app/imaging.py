@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 
 from app.errors import ImageTooLarge, InvalidImage, InvalidRequest
 from model.data import pil_to_array
@@ -131,13 +132,21 @@ def palette_bytes(colors: list[tuple[int, int, int]]) -> list[int]:
     return flat + [0] * (768 - len(flat))
 
 
-def encode_mask_png(mask: np.ndarray, colors: list[tuple[int, int, int]], compress_level: int = 1) -> bytes:
-    """(H, W) uint8 class ids -> palette PNG: pixel values are class ids, the palette the class colors."""
+def encode_mask_png(
+    mask: np.ndarray, colors: list[tuple[int, int, int]], compress_level: int = 1, text: dict[str, str] | None = None
+) -> bytes:
+    """(H, W) uint8 class ids -> palette PNG: pixel values are class ids, the palette the class colors;
+    ``text``: tEXt chunks to add (key -> value)."""
     h, w = mask.shape
     im = Image.frombytes("P", (w, h), np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
     im.putpalette(palette_bytes(colors))
+    info = None
+    if text:
+        info = PngInfo()
+        for k, v in text.items():
+            info.add_text(k, v)
     buf = io.BytesIO()
-    im.save(buf, format="PNG", compress_level=compress_level)
+    im.save(buf, format="PNG", compress_level=compress_level, pnginfo=info)
     return buf.getvalue()
 
 

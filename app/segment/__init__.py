@@ -4,7 +4,8 @@
 
 Each image ``SRC/a/b.jpg`` gets ``DST/a/b.png``: the same palette PNG that ``POST /v1/predict`` returns for
 that image, made by the same function (``segment_image``). ``DST/summary.csv`` has one row per image: its
-size and the pixel count and fraction of every class, or the error that kept it from being segmented.
+size, the pixel count and fraction of every class and, for a model with instances, the instance count (kept in
+a text chunk of the mask, for reruns), or the error that kept it from being segmented.
 
 - **Resumable.** A mask is written to a hidden temporary file in its folder and renamed into place, so a
   mask that exists is complete; a rerun skips it (and reads it back for the summary, which therefore
@@ -111,7 +112,7 @@ def run(
             if found is None:
                 todo.append(rel)
             else:
-                rows[rel] = Outcome(rel, b"", found.width, found.height, found.counts)
+                rows[rel] = Outcome(rel, b"", found.width, found.height, found.counts, instances=found.instances)
                 report.skipped += 1
     bar = Progress(len(todo), progress) if progress is not None and todo else None
     options = Options.from_settings(bundle, settings)
@@ -133,7 +134,7 @@ def run(
                 else:
                     write_atomic(dst / targets[o.path], o.png)
                     report.written += 1
-                rows[o.path] = Outcome(o.path, b"", o.width, o.height, o.counts, o.error)
+                rows[o.path] = Outcome(o.path, b"", o.width, o.height, o.counts, o.error, o.instances)
                 report.done += 1
                 first = o.finished if report.done == 1 else min(first, o.finished)
                 last = max(last, o.finished)

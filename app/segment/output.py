@@ -14,7 +14,7 @@ from typing import IO
 import numpy as np
 from PIL import Image
 
-from app.segment.pipeline import Outcome, class_counts
+from app.segment.pipeline import INSTANCES_KEY, Outcome, class_counts
 from app.segment.sources import mask_path
 from model.bundle import Card
 
@@ -55,13 +55,19 @@ def read_mask(path: Path, card: Card) -> Outcome | None:
             if im.format != "PNG" or palette[: 3 * len(card.classes)] != [v for c in card.classes for v in c.color]:
                 return None  # not a mask of this model's classes
             mask = np.asarray(im)
+            found = getattr(im, "text", {}).get(INSTANCES_KEY)
     except (OSError, SyntaxError, ValueError):  # FileNotFoundError included
         return None
     k = len(card.classes)
     if mask.ndim != 2 or (mask.size and int(mask.max()) >= k):
         return None
+    instances = None
+    if card.instances is not None:  # its instance count is in the mask; a mask without one is made again
+        if found is None or not str(found).isdigit():
+            return None
+        instances = int(found)
     h, w = mask.shape
-    return Outcome("", b"", w, h, class_counts(mask, k))
+    return Outcome("", b"", w, h, class_counts(mask, k), instances=instances)
 
 
 def summary_header(card: Card) -> list[str]:
@@ -73,16 +79,19 @@ def summary_header(card: Card) -> list[str]:
         "height",
         *(f"{n}_pixels" for n in names),
         *(f"{n}_fraction" for n in names),
+        "instances",
         "error",
     ]
 
 
 def summary_row(o: Outcome, card: Card) -> list[str]:
     if o.error:
-        return [o.path, "", "", "", *([""] * (2 * len(card.classes))), o.error]
+        return [o.path, "", "", "", *([""] * (2 * len(card.classes))), "", o.error]
     total = o.width * o.height
     fractions = [f"{n / total:.6f}" if total else "0" for n in o.counts]
-    return [o.path, mask_path(o.path) or "", str(o.width), str(o.height), *map(str, o.counts), *fractions, ""]
+    instances = "" if o.instances is None else str(o.instances)
+    size = [str(o.width), str(o.height)]
+    return [o.path, mask_path(o.path) or "", *size, *map(str, o.counts), *fractions, instances, ""]
 
 
 def write_summary(dst: Path, card: Card, outcomes: Iterable[Outcome]) -> None:

@@ -19,7 +19,7 @@ from app.engine import Engine, Segmentation, resolve_device
 from app.errors import ServiceError
 from app.imaging import Decoded, decode, encode_mask_png
 from app.segment.sources import Source
-from model.bundle import load_bundle
+from model.bundle import Card, load_bundle
 
 
 async def segment_image(
@@ -61,6 +61,15 @@ async def segment_image(
     return decoded, seg
 
 
+# The text chunk of a bulk job's mask PNG that keeps its instance count, for the summary of a rerun.
+INSTANCES_KEY = "unetseg:instances"
+
+
+def mask_text(card: Card, instances: int | None) -> dict[str, str]:
+    """The text chunks of a bulk job's mask: the instance count, for a model with instances."""
+    return {INSTANCES_KEY: str(instances)} if card.instances is not None and instances is not None else {}
+
+
 def class_counts(mask: np.ndarray, num_classes: int) -> tuple[int, ...]:
     """(H, W) uint8 class ids -> pixels per class."""
     return tuple(int(n) for n in np.bincount(mask.ravel(), minlength=num_classes)[:num_classes])
@@ -74,6 +83,7 @@ class Outcome:
     height: int = 0
     counts: tuple[int, ...] = ()  # pixels per class
     error: str = ""
+    instances: int | None = None  # instances found, for a model with instances
     finished: float = 0.0  # time.time() when its worker was done with it (throughput, across processes)
 
 
@@ -141,18 +151,27 @@ class Segmenter:
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="unetseg-segment-loop", daemon=True)
         self._loop_thread.start()
 
-    def _encode(self, mask: np.ndarray) -> tuple[bytes, tuple[int, ...]]:
-        return encode_mask_png(mask, self.colors, self.options.compress_level), class_counts(mask, len(self.colors))
+    def _encode(self, seg: Segmentation) -> tuple[bytes, tuple[int, ...], int | None]:
+        n = int(seg.instances.max(initial=0)) if seg.instances is not None else None
+        png = encode_mask_png(seg.mask, self.colors, self.options.compress_level, mask_text(self.card, n))
+        return png, class_counts(seg.mask, len(self.colors)), n
 
     async def one(self, rel: str) -> Outcome:
         loop = asyncio.get_running_loop()
         try:
             data = await loop.run_in_executor(self.pool, self.source.read, rel)
-            decoded, seg = await segment_image(self.engine, self.card.name, data, self.options.max_pixels, self.pool)
+            decoded, seg = await segment_image(
+                self.engine,
+                self.card.name,
+                data,
+                self.options.max_pixels,
+                self.pool,
+                instances=self.card.instances is not None,
+            )
         except (ServiceError, OSError) as exc:
             return Outcome(rel, b"", error=str(exc) or type(exc).__name__, finished=time.time())
-        png, counts = await loop.run_in_executor(self.pool, self._encode, seg.mask)
-        return Outcome(rel, png, decoded.width, decoded.height, counts, finished=time.time())
+        png, counts, n = await loop.run_in_executor(self.pool, self._encode, seg)
+        return Outcome(rel, png, decoded.width, decoded.height, counts, instances=n, finished=time.time())
 
     def run(self, paths: Iterable[str]) -> Iterator[Outcome]:
         """Outcomes in the order they finish, with at most twice the thread count in flight."""
@@ -193,6 +212,7 @@ class RayMapper:
             "height": np.array([o.height for o in outcomes], dtype=np.int64),
             "counts": np.array([o.counts or (0,) * k for o in outcomes], dtype=np.int64).reshape(len(outcomes), k),
             "error": np.array([o.error for o in outcomes], dtype=object),
+            "instances": np.array([-1 if o.instances is None else o.instances for o in outcomes], dtype=np.int64),
             "finished": np.array([o.finished for o in outcomes], dtype=np.float64),
         }
 
@@ -234,6 +254,7 @@ def ray_outcomes(
                 int(row["height"]),
                 tuple(int(c) for c in row["counts"]),
                 str(row["error"]),
+                None if int(row["instances"]) < 0 else int(row["instances"]),
                 float(row["finished"]),
             )
     finally:

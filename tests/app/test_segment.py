@@ -15,14 +15,17 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from PIL.PngImagePlugin import PngImageFile
 
 from app.cli import main
 from app.config import Settings
 from app.main import create_app
 from app.segment import SUMMARY, find_bundle, run
+from app.segment.pipeline import INSTANCES_KEY
+from model.bundle import InstanceSpec
 from tests.backends import S3_ENV, new_bucket, s3_emulator, unavailable
 from tests.conftest import make_settings, wait_ready
-from tests.helpers import image_bytes
+from tests.helpers import image_bytes, write_instance_bundle, write_tiny_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,6 +119,7 @@ def test_summary(tmp_path: Path, src: Path, weights_dir: Path) -> None:
         "background_fraction",
         "class1_fraction",
         "class2_fraction",
+        "instances",
         "error",
     ]
     assert [r["path"] for r in rows] == sorted([*GOOD, *BAD])
@@ -274,3 +278,38 @@ def test_ray_masks_equal_in_process(tmp_path: Path, src: Path, weights_dir: Path
         assert read_summary(dst) == read_summary(local)
     finally:
         ray.shutdown()
+
+
+def test_summary_counts_instances_for_a_model_with_instances_and_a_rerun_keeps_them(tmp_path: Path) -> None:
+    weights = tmp_path / "weights"
+    write_tiny_bundle(weights / "tiny", name="tiny")
+    write_instance_bundle(weights / "cells", InstanceSpec("watershed", 1, 2), name="cells", classes=3)
+    src = make_src(tmp_path / "src", {**GOOD, **BAD})
+    dst = tmp_path / "out"
+    assert segment(src, dst, "cells", weights) == 1  # the BAD images
+    rows = {r["path"]: r for r in read_summary(dst)}
+    with TestClient(create_app(make_settings(tmp_path, weights, default_model="cells"))) as c:
+        wait_ready(c)
+        for rel, data in GOOD.items():
+            r = c.post("/v1/predict?format=instances", files={"file": ("x", data, "image/png")})
+            assert r.status_code == 200
+            assert rows[rel]["instances"] == r.headers["x-instance-count"]
+            # the mask is still the service's semantic mask
+            expected = c.post("/v1/predict", files={"file": ("x", data, "image/png")}).content
+            np.testing.assert_array_equal(
+                np.asarray(Image.open(dst / rows[rel]["mask"])), np.asarray(Image.open(io.BytesIO(expected)))
+            )
+    assert any(int(rows[rel]["instances"]) > 0 for rel in GOOD)
+    assert all(rows[rel]["instances"] == "" for rel in BAD)
+    summary = (dst / SUMMARY).read_bytes()
+    # A rerun reads the counts back from the masks; a mask without one is made again.
+    a = dst / rows["a.png"]["mask"]
+    with Image.open(a) as im:
+        im.save(a, pnginfo=None)  # the same pixels and palette, no text chunk
+    assert segment(src, dst, "cells", weights) == 1
+    assert (dst / SUMMARY).read_bytes() == summary
+    with Image.open(a) as im:
+        assert isinstance(im, PngImageFile) and im.text[INSTANCES_KEY] == rows["a.png"]["instances"]
+    # A semantic model's rows leave the column empty.
+    assert segment(src, tmp_path / "plain", "tiny", weights) == 1
+    assert all(r["instances"] == "" for r in read_summary(tmp_path / "plain"))
