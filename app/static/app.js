@@ -30,6 +30,7 @@
     maskLayer: $("mask-layer"),
     caption: $("caption"),
     areas: document.querySelector("#areas tbody"),
+    instanceCount: $("instance-count"),
     timingTotal: $("timing-total"),
     timingSplit: $("timing-split"),
     roundtrip: $("timing-roundtrip"),
@@ -155,7 +156,8 @@
     }
     els.modelDescription.textContent = m.description || m.name;
     const sizing = m.input.sizing === "tile" ? `tiles of ${m.input.size} px` : `resized to ${m.input.size} px`;
-    els.modelMeta.textContent = `version ${m.version} · ${m.device}, ${m.precision} · ${sizing}`;
+    const instances = m.instances ? ` · separates instances (${m.instances.method})` : "";
+    els.modelMeta.textContent = `version ${m.version} · ${m.device}, ${m.precision} · ${sizing}${instances}`;
     els.modelClasses.replaceChildren(
       ...m.classes.map((c) => {
         const li = document.createElement("li");
@@ -257,6 +259,44 @@
     ctx.putImageData(image, 0, 0);
   }
 
+  // Instance outlines: foreground pixels next to a pixel of another instance (or the background) are
+  // drawn white, so touching instances show apart. Only pixels paintMask painted are recoloured.
+  function paintOutlines(pred) {
+    const { width: w, height: h } = pred;
+    const ids = new Int32Array(w * h); // row-major instance ids, 0 = background
+    for (const inst of pred.instances) {
+      const counts = inst.rle.counts;
+      let pos = 0;
+      for (let i = 0; i < counts.length; i++) {
+        const n = counts[i];
+        if (i % 2 === 1) {
+          for (let k = pos; k < pos + n; k++) {
+            const x = Math.floor(k / h);
+            ids[(k - x * h) * w + x] = inst.id;
+          }
+        }
+        pos += n;
+      }
+    }
+    const ctx = els.maskLayer.getContext("2d");
+    const image = ctx.getImageData(0, 0, w, h);
+    const data = image.data;
+    for (let y = 0; y < h; y++) {
+      for (let x = 0; x < w; x++) {
+        const p = y * w + x;
+        const id = ids[p];
+        if (id === 0 || data[p * 4 + 3] === 0) continue;
+        const edge =
+          (x > 0 && ids[p - 1] !== id) ||
+          (x < w - 1 && ids[p + 1] !== id) ||
+          (y > 0 && ids[p - w] !== id) ||
+          (y < h - 1 && ids[p + w] !== id);
+        if (edge) data.fill(255, p * 4, p * 4 + 4);
+      }
+    }
+    ctx.putImageData(image, 0, 0);
+  }
+
   function paintImage(bitmap, width, height) {
     const canvas = els.imageLayer;
     canvas.width = width;
@@ -324,6 +364,8 @@
     state.maskUrl = null;
     els.download.disabled = true;
     els.areas.replaceChildren();
+    els.instanceCount.hidden = true;
+    els.instanceCount.textContent = "";
     els.timingTotal.textContent = "–";
     els.timingSplit.replaceChildren();
     els.roundtrip.textContent = "";
@@ -353,6 +395,12 @@
       if (run !== state.run) return;
       paintImage(bitmap, pred.width, pred.height);
       paintMask(pred, model);
+      if (pred.instances) {
+        paintOutlines(pred);
+        els.instanceCount.textContent = `${pred.count.toLocaleString("en-US")} ${pred.count === 1 ? "instance" : "instances"}`;
+        els.instanceCount.dataset.count = String(pred.count);
+        els.instanceCount.hidden = false;
+      }
       applyOpacity();
       showAreas(pred, model);
       showTiming(pred.timings_ms, roundtrip);

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from model.bundle import discover
+from model.bundle import InstanceSpec, discover
 from tests.e2e.server import ROOT, running_server
-from tests.helpers import DATASETS, image_bytes
+from tests.helpers import DATASETS, image_bytes, write_instance_bundle
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -149,3 +149,48 @@ def test_page_segments_an_image_in_a_real_browser(weights_dir: Path, tmp_path: P
         assert problems == []
     with Image.open(SCREENSHOT) as shot:
         assert shot.size[0] == 1360
+
+
+def test_page_counts_and_outlines_instances_in_a_real_browser(tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    weights = tmp_path / "weights"
+    write_instance_bundle(weights / "cells", InstanceSpec("watershed", 1, 2), name="cells", classes=3)
+    image = tmp_path / "cells.png"
+    image.write_bytes(image_bytes(96, 72, seed=5))
+    with running_server(weights, tmp_path / "data", UNETSEG_WARMUP="false", UNETSEG_DEFAULT_MODEL="cells") as (base, _):
+        files = {"file": (image.name, image.read_bytes(), "application/octet-stream")}
+        expected: dict[str, Any] = httpx.post(f"{base}/v1/predict?format=json", files=files, timeout=60).json()
+        assert expected["count"] >= 1
+        problems: list[str] = []
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 1360, "height": 900})
+                page.set_default_timeout(30_000)
+                page.on("pageerror", lambda exc: problems.append(str(exc)))
+                page.goto(f"{base}/")
+                expect(page.locator("#model")).to_be_enabled()
+                expect(page.locator("#model-meta")).to_contain_text("separates instances (watershed)")
+                page.locator("#file").set_input_files(str(image))
+                expect(page.locator("#viewer")).to_have_attribute("data-state", "done")
+                expect(page.locator("#instance-count")).to_be_visible()
+                assert page.locator("#instance-count").get_attribute("data-count") == str(expected["count"])
+                drawn = page.evaluate(
+                    """() => {
+                        const c = document.getElementById("mask-layer");
+                        const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+                        let painted = 0, outline = 0;
+                        for (let i = 0; i < d.length; i += 4) {
+                            if (d[i + 3] > 0) painted++;
+                            if (d[i + 3] > 0 && d[i] === 255 && d[i + 1] === 255 && d[i + 2] === 255) outline++;
+                        }
+                        return {painted, outline};
+                    }"""
+                )
+                # Outlines recolour instance pixels only: the painted pixels are still the foreground.
+                assert drawn["painted"] == sum(c["pixels"] for c in expected["classes"] if c["id"] != 0)
+                assert 0 < drawn["outline"] <= drawn["painted"]
+            finally:
+                browser.close()
+        assert problems == []
