@@ -6,11 +6,12 @@
 # Settings are UNETSEG_* environment variables (see the README); uploads are kept in the /data volume.
 ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
-# The runtime dependencies as a requirements file, torch left out: the install below is cached on this
-# list, not on pyproject.toml, so editing the version, the dev tools or their settings reinstalls nothing.
+# The runtime dependencies as a requirements file, torch left out, with the postgres and s3 extras (so that
+# UNETSEG_DATABASE_URL and UNETSEG_BLOB_URL can name PostgreSQL and S3): the install below is cached on
+# this list, not on pyproject.toml, so editing the version, the dev tools or their settings reinstalls nothing.
 FROM ${BASE_IMAGE} AS requirements
 COPY pyproject.toml /tmp/
-RUN python -c "import re, tomllib; deps = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if re.split(r'[^A-Za-z0-9._-]', d, maxsplit=1)[0].lower() != 'torch'))" > /tmp/requirements.txt
+RUN python -c "import re, tomllib; p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; deps = p['dependencies'] + p['optional-dependencies']['postgres'] + p['optional-dependencies']['s3']; print('\n'.join(d for d in deps if re.split(r'[^A-Za-z0-9._-]', d, maxsplit=1)[0].lower() != 'torch'))" > /tmp/requirements.txt
 
 FROM ${BASE_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \
