@@ -17,6 +17,9 @@ class LoadResult:
     seconds: float
     latencies: list[float] = field(default_factory=list)  # seconds, successful requests
     errors: dict[int, int] = field(default_factory=dict)  # status (0 = connection error) -> count
+    # Per successful request that sent Server-Timing: the share of its round trip not spent in the model's
+    # forward passes (decode, queue, encode, HTTP).
+    non_model: list[float] = field(default_factory=list)
 
     @property
     def ok(self) -> int:
@@ -33,7 +36,7 @@ class LoadResult:
         return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
 
     def summary(self) -> dict[str, float | int | dict[int, int]]:
-        return {
+        out: dict[str, float | int | dict[int, int]] = {
             "clients": self.clients,
             "requests": self.ok,
             "errors": dict(self.errors),
@@ -41,6 +44,18 @@ class LoadResult:
             "p50_ms": round(self.percentile(50) * 1000, 1),
             "p99_ms": round(self.percentile(99) * 1000, 1),
         }
+        if self.non_model:
+            out["non_model_share_p50"] = round(sorted(self.non_model)[len(self.non_model) // 2], 3)
+        return out
+
+
+def model_seconds(server_timing: str) -> float | None:
+    """The ``model`` entry of a Server-Timing header (``decode;dur=7.2, model;dur=26.7``), in seconds."""
+    for entry in server_timing.split(","):
+        name, _, params = entry.strip().partition(";")
+        if name == "model" and params.startswith("dur="):
+            return float(params[4:]) / 1000
+    return None
 
 
 def multipart_request(
@@ -76,13 +91,15 @@ def json_request(host: str, port: int, path: str, body: bytes) -> bytes:
     return head + body
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, float | None]:
+    """Status, body and the Server-Timing model seconds (None without the header)."""
     status_line = await reader.readline()
     if not status_line:
         raise ConnectionError("connection closed")
     status = int(status_line.split()[1])
     length = 0
     chunked = False
+    model_s = None
     while True:
         line = await reader.readline()
         if line in (b"\r\n", b""):
@@ -92,14 +109,16 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
             length = int(value.strip())
         elif name.lower() == "transfer-encoding" and "chunked" in value.lower():
             chunked = True
+        elif name.lower() == "server-timing":
+            model_s = model_seconds(value)
     if not chunked:
-        return status, await reader.readexactly(length)
+        return status, await reader.readexactly(length), model_s
     body = b""
     while True:
         size = int((await reader.readline()).strip(), 16)
         if size == 0:
             await reader.readline()
-            return status, body
+            return status, body, model_s
         body += await reader.readexactly(size)
         await reader.readline()
 
@@ -112,14 +131,17 @@ async def _client(host: str, port: int, request: bytes, deadline: float, result:
             try:
                 writer.write(request)
                 await writer.drain()
-                status, _ = await _read_response(reader)
+                status, _, model_s = await _read_response(reader)
             except (ConnectionError, asyncio.IncompleteReadError, ValueError):
                 result.errors[0] = result.errors.get(0, 0) + 1
                 writer.close()
                 reader, writer = await asyncio.open_connection(host, port)
                 continue
             if status == 200:
-                result.latencies.append(time.perf_counter() - t0)
+                rtt = time.perf_counter() - t0
+                result.latencies.append(rtt)
+                if model_s is not None:
+                    result.non_model.append(max(0.0, 1 - model_s / rtt))
             else:
                 result.errors[status] = result.errors.get(status, 0) + 1
     finally:

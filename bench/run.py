@@ -4,7 +4,8 @@
 
 Measures, in this order (each server runs alone):
 1. the raw model forward in-process at batch sizes 1..16, the best of which is the ceiling a server tends to;
-2. this service over real HTTP (``unetseg serve``) at each client count: images/s, p50, p99;
+2. this service over real HTTP (``unetseg serve``) at each client count: images/s, p50, p99, and the share
+   of a round trip not spent in the model (its Server-Timing ``model`` entry against the time measured);
 3. a naive FastAPI service with one forward per request (``bench/naive_server.py``);
 4. LitServe serving the same model with its own batching (``bench/litserve_server.py``), if installed;
 then single-client latency on a large image for each server. Everything uses the same precision (the
@@ -237,7 +238,8 @@ def measure(
         out["loads"].append(r.summary())
         print(
             f"  {name:<10} {c:>3} clients: {r.throughput:7.2f} img/s  p50 {r.percentile(50) * 1000:7.1f} ms  "
-            f"p99 {r.percentile(99) * 1000:7.1f} ms  errors {r.errors}",
+            f"p99 {r.percentile(99) * 1000:7.1f} ms  errors {r.errors}"
+            + (f"  non-model share {out['loads'][-1]['non_model_share_p50']}" if r.non_model else ""),
             flush=True,
         )
     big = load(port, build(large), 1, max(3.0, seconds / 2))
@@ -437,8 +439,8 @@ def render(report: dict[str, Any]) -> str:
             else ")"
         ),
         "",
-        "| server | clients | images/s | p50 ms | p99 ms | errors | vs raw |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| server | clients | images/s | p50 ms | p99 ms | errors | vs raw | non-model share (p50) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in ("service", "naive", "litserve"):
         for row in report.get(name, {}).get("loads", []):
@@ -446,7 +448,7 @@ def render(report: dict[str, Any]) -> str:
             errors = sum(row["errors"].values())
             lines.append(
                 f"| {name} | {row['clients']} | {row['images_per_s']} | {row['p50_ms']} | {row['p99_ms']} | "
-                f"{errors} | {vs:.2f} |"
+                f"{errors} | {vs:.2f} | {row.get('non_model_share_p50', '-')} |"
             )
     lines += ["", "| server | large image p50 ms |", "|---|---:|"]
     for name in ("service", "naive", "litserve"):
