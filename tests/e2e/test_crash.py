@@ -4,17 +4,13 @@ check that nothing acknowledged was lost and that nothing half-written ever beca
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
 import sqlite3
-import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.e2e.server import running_server
-from tests.helpers import image_bytes
+from tests.e2e.server import running_server, uploads_until_killed
 
 pytestmark = pytest.mark.e2e
 
@@ -37,43 +33,7 @@ def db_rows(data_dir: Path) -> set[str]:
 
 def test_kill_9_during_uploads_loses_no_acknowledged_upload(weights_dir: Path, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    acknowledged: dict[str, bytes] = {}
-    lock = threading.Lock()
-    enough = threading.Event()
-    stop = threading.Event()
-    failures: list[str] = []
-
-    def client(n: int) -> None:
-        with httpx.Client(timeout=30) as http:
-            for i in range(10_000):
-                if stop.is_set():
-                    return
-                data = image_bytes(320, 240, seed=1000 * n + i)  # ~230 kB, so that a kill can land mid-write
-                try:
-                    r = http.post(f"{base}/v1/uploads", files={"file": ("a.png", data, "image/png")})
-                except httpx.TransportError:
-                    return  # the server is gone
-                if r.status_code not in (200, 201):
-                    failures.append(f"{r.status_code} {r.text[:200]}")
-                    return
-                with lock:
-                    acknowledged[r.json()["id"]] = data
-                    if len(acknowledged) >= KILL_AFTER:
-                        enough.set()
-
-    with running_server(weights_dir, data_dir) as (base, proc):
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
-        for t in threads:
-            t.start()
-        assert enough.wait(120), f"only {len(acknowledged)} uploads acknowledged; failures: {failures}"
-        os.kill(proc.pid, signal.SIGKILL)  # the server process this test started, and nothing else
-        assert proc.wait(30) == -signal.SIGKILL
-        stop.set()
-        for t in threads:
-            t.join(60)
-    assert not failures, failures
-    with lock:
-        acked = dict(acknowledged)
+    acked = uploads_until_killed(weights_dir, data_dir, CLIENTS, KILL_AFTER)
 
     # As the killed process left it: every visible file is complete (its bytes hash to its name), the
     # database is intact, every row has its file, and every acknowledged upload is there.

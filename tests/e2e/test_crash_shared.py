@@ -5,9 +5,6 @@ its bytes and that no row names missing bytes."""
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +15,7 @@ from app.config import Settings
 from app.store import open_store
 from app.store.files import FileBlobs
 from tests.backends import S3_ENV, new_bucket, postgres_database, s3_emulator
-from tests.e2e.server import running_server
-from tests.helpers import image_bytes
+from tests.e2e.server import running_server, uploads_until_killed
 
 pytestmark = pytest.mark.e2e
 
@@ -53,42 +49,7 @@ def test_kill_9_with_a_shared_store_loses_no_acknowledged_upload(
 def run(weights_dir: Path, tmp_path: Path, env: dict[str, str]) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    acknowledged: dict[str, bytes] = {}
-    lock = threading.Lock()
-    enough, stop = threading.Event(), threading.Event()
-    failures: list[str] = []
-
-    def client(n: int) -> None:
-        with httpx.Client(timeout=30) as http:
-            for i in range(10_000):
-                if stop.is_set():
-                    return
-                data = image_bytes(320, 240, seed=1000 * n + i)
-                try:
-                    r = http.post(f"{base}/v1/uploads", files={"file": ("a.png", data, "image/png")})
-                except httpx.TransportError:
-                    return  # the server is gone
-                if r.status_code not in (200, 201):
-                    failures.append(f"{r.status_code} {r.text[:200]}")
-                    return
-                with lock:
-                    acknowledged[r.json()["id"]] = data
-                    if len(acknowledged) >= KILL_AFTER:
-                        enough.set()
-
-    with running_server(weights_dir, data_dir, **env) as (base, proc):
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
-        for t in threads:
-            t.start()
-        assert enough.wait(120), f"only {len(acknowledged)} uploads acknowledged; failures: {failures}"
-        os.kill(proc.pid, signal.SIGKILL)  # the server process this test started, and nothing else
-        assert proc.wait(30) == -signal.SIGKILL
-        stop.set()
-        for t in threads:
-            t.join(60)
-    assert not failures, failures
-    with lock:
-        acked = dict(acknowledged)
+    acked = uploads_until_killed(weights_dir, data_dir, CLIENTS, KILL_AFTER, **env)
 
     with running_server(weights_dir, data_dir, **env) as (base, _), httpx.Client(base_url=base, timeout=30) as http:
         listing = {item["id"] for item in http.get("/v1/uploads", params={"limit": 1000}).json()["items"]}
