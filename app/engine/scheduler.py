@@ -18,6 +18,11 @@ are batched. Each batch is formed when a worker is free:
   its own request (500). An exception anywhere else in a worker fails the jobs of the batch it was
   forming or running and the worker carries on; a worker that ends anyway (a ``BaseException``) fails
   every job and marks the model unhealthy, which ``/readyz`` reports.
+- **Wide when alone, narrow under load (CPU, several streams).** Each worker's forward passes run on its
+  share of torch's threads, so that under load the streams do not wait for each other, and what waits is
+  split between the idle workers (7 inputs, 2 idle workers: batches of 4 and 3). But a batch that takes
+  everything waiting while no other worker is busy runs on all the threads (a lone request is not slowed
+  by the split), and no other batch starts until it is done (what arrives meanwhile is batched).
 - ``stop()`` refuses new jobs and finishes every job already queued before the workers exit.
 """
 
@@ -120,6 +125,9 @@ class ModelEngine:
         self.streams = streams
         # On the CPU several streams share the cores: each worker runs its forward passes on its share.
         self.threads_per_stream = stream_threads(streams, device.type)
+        self.threads_wide = torch.get_num_threads() if self.threads_per_stream else 0
+        self._busy = 0  # workers running a batch
+        self._wide = False  # one of them runs on every thread: the others wait for it
         self._threads = [
             threading.Thread(target=self._run_stream, name=f"engine-{self.name}-{i}", daemon=True)
             for i in range(streams)
@@ -246,11 +254,17 @@ class ModelEngine:
 
     # --- scheduling ------------------------------------------------------------------------------
 
-    def _next_batch(self) -> Batch | None:
-        """Block until there is work; form a fair batch. None: stop (closed and nothing left)."""
+    def _next_batch(self) -> tuple[Batch, bool] | None:
+        """Block until there is work; form a fair batch and say whether it runs wide (on every thread).
+
+        None: stop (closed and nothing left). The caller reports the batch's end with ``_batch_done``.
+        """
         with self._cond:
             while True:
                 ready = [j for j in self._jobs if j.remaining > 0]
+                if self._wide:  # a batch runs on every thread: what comes meanwhile waits for it
+                    self._cond.wait(0.5)
+                    continue
                 if not ready:
                     if self._closed and not self._jobs:
                         return None
@@ -266,9 +280,23 @@ class ModelEngine:
                     if left > 0:
                         self._cond.wait(left)
                         continue  # look again: more may have come, or the wait is over
-                return self._form_batch(ready)
+                limit = self.max_batch
+                if self.threads_wide:  # split what waits between the idle workers; alone, run it wide
+                    limit = min(limit, -(-waiting // (self.streams - self._busy)))
+                batch = self._form_batch(ready, limit)
+                wide = bool(self.threads_wide) and self._busy == 0 and len(batch) == waiting
+                self._busy += 1
+                self._wide = wide
+                return batch, wide
 
-    def _form_batch(self, ready: list[Job]) -> Batch:
+    def _batch_done(self, wide: bool) -> None:
+        with self._cond:
+            self._busy -= 1
+            if wide:
+                self._wide = False
+            self._cond.notify_all()
+
+    def _form_batch(self, ready: list[Job], limit: int) -> Batch:
         """(Called under the lock.) Choose the batch's shape by priority, then fill it round-robin."""
 
         def priority(j: Job) -> tuple[int, float]:
@@ -280,10 +308,10 @@ class ModelEngine:
         shape = ready[0].work.shape
         members = [j for j in ready if j.work.shape == shape]
         batch: Batch = []
-        while len(batch) < self.max_batch:
+        while len(batch) < limit:
             progressed = False
             for job in members:
-                if job.remaining > 0 and len(batch) < self.max_batch:
+                if job.remaining > 0 and len(batch) < limit:
                     batch.append((job, job.scheduled))
                     job.scheduled += 1
                     progressed = True
@@ -320,8 +348,10 @@ class ModelEngine:
             return y.float().cpu()  # waits for the stream's work
 
     def _run_stream(self) -> None:
-        if self.threads_per_stream:
-            torch.set_num_threads(self.threads_per_stream)
+        # torch.set_num_threads sets the calling thread's OpenMP team size: each worker sets its own.
+        threads = self.threads_per_stream
+        if threads:
+            torch.set_num_threads(threads)
         stream = new_stream(self.device)
         try:
             while True:
@@ -330,8 +360,15 @@ class ModelEngine:
                     got = self._next_batch()
                     if got is None:
                         return
-                    batch = got
-                    self._run_batch(batch, stream)
+                    batch, wide = got
+                    try:
+                        want = self.threads_wide if wide else self.threads_per_stream
+                        if want and want != threads:
+                            torch.set_num_threads(want)
+                            threads = want
+                        self._run_batch(batch, stream)
+                    finally:
+                        self._batch_done(wide)
                 except Exception as exc:  # a worker outlives any one batch: fail its jobs and carry on
                     log.exception("engine worker of model %s failed outside a forward pass", self.name)
                     with self._stats_lock:

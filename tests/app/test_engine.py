@@ -212,8 +212,9 @@ def test_streams_run_forward_passes_at_once_share_the_threads_and_drain(tmp_path
     pairs = Pairs(eng.model)  # type: ignore[arg-type]
     eng.model = pairs
     try:
-        eng.start()
+        # Both queued before the workers start: split between them (a lone input would run wide, alone).
         both = [eng.submit(torch.randn(1, 3, 8, 8)) for _ in range(2)]
+        eng.start()
         for f in both:
             assert f.result(20)[0].shape == (1, 2, 8, 8)
         assert pairs.threads == [max(1, threads // 2)] * 2

@@ -224,3 +224,69 @@ def test_the_memory_budget_refuses_what_would_pass_it() -> None:
     budget.reserve(5 * mib)
     assert budget.peak == 10 * mib
     MemoryBudget(0).reserve(10**15)  # 0: no limit
+
+
+class ThreadRecorder(torch.nn.Module):
+    """Wraps a model: records, per forward pass, its batch size and the torch threads of the calling worker;
+    each pass waits for a permit, and the passes in the model at once are counted."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.permits = threading.Semaphore(0)
+        self.entered = threading.Semaphore(0)
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most_at_once = 0
+        self.passes: list[tuple[int, int]] = []  # (batch size, threads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            self.passes.append((x.shape[0], torch.get_num_threads()))
+        self.entered.release()
+        assert self.permits.acquire(timeout=20), "the test never let this pass run"
+        with self.lock:
+            self.running -= 1
+        out: torch.Tensor = self.inner(x)
+        return out
+
+
+def test_on_the_cpu_a_lone_batch_runs_on_every_thread_and_load_is_split_between_narrow_streams(
+    tmp_path: Path,
+) -> None:
+    folder, _, _ = write_tiny_bundle(tmp_path / "tiny")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        eng = ModelEngine(load_bundle(folder), torch.device("cpu"), torch.float32, max_batch=8, streams=2)
+    finally:
+        torch.set_num_threads(before)
+    assert (eng.threads_per_stream, eng.threads_wide) == (1, 2)
+    rec = ThreadRecorder(eng.model)  # type: ignore[arg-type]
+    eng.model = rec  # type: ignore[assignment]
+    eng.start()
+    try:
+        lone = eng.submit(marked(1, 0.1))
+        assert rec.entered.acquire(timeout=20)
+        # While the lone request runs wide, nothing else starts: seven more inputs wait for it.
+        rest = [eng.submit(marked(1, 0.2 + i / 100)) for i in range(7)]
+        assert not rec.entered.acquire(timeout=0.3)
+        rec.permits.release()
+        lone.result(timeout=20)
+        # Then the seven are split between the two workers, each on its one thread, both in the model at once.
+        assert rec.entered.acquire(timeout=20) and rec.entered.acquire(timeout=20)
+        assert rec.most_at_once == 2
+        rec.permits.release(2)
+        for f in rest:
+            f.result(timeout=20)
+        assert rec.passes[0] == (1, 2)
+        assert sorted(rec.passes[1:]) == [(3, 1), (4, 1)]
+        # Idle again: the next lone request is wide again.
+        rec.permits.release()
+        eng.submit(marked(1, 0.9)).result(timeout=20)
+        assert rec.passes[-1] == (1, 2)
+    finally:
+        rec.permits.release(10)
+        eng.stop(timeout=20)
