@@ -7,7 +7,7 @@
 # dsb2018_nuclei/ also instances/, which nuclei-v2 trains on).
 # Runs go to $RUNS (default runs/); an interrupted run continues where it stopped when started again.
 # `polyp-1.1` re-creates polyp 1.1.0 in two stages (the second fine-tunes the first stage's bundle with a
-# fresh schedule, --init); `polyp` trains version 2 from scratch. Each model's bundle is written to
+# fresh schedule, --init); `polyp` adds a third stage for version 2 on top of them. Each model's bundle is written to
 # $RUNS/RUN/bundle (RUN = its last stage: polyp-v2, polyp-2, nuclei, nuclei-v2, membrane-v1.3): copy one into
 # weights/ only when it beats the shipped one.
 # Extra flags for every run (e.g. --device cuda, --threads 1) come from $TRAIN_FLAGS.
@@ -41,19 +41,20 @@ for name in "${names[@]}"; do
         --dataset-name "Kvasir-SEG" --dataset-url "https://datasets.simula.no/kvasir-seg/"
         --dataset-license "research and educational use; commercial use needs the authors' permission (the images also ship in HyperKvasir under CC BY 4.0)"
         --dataset-citation "Jha et al., Kvasir-SEG: A Segmented Polyp Dataset, MMM 2020")
-      if [ "$name" = polyp-1.1 ]; then
-        # Version 1.1.0, two stages at 224 px. The shipped stage 1 was stopped after 27 of its 36 epochs
-        # and exported with --export; stage 2 was stopped after 49 of its 56 epochs and exported likewise.
-        run polyp polyp "${common[@]}" --size 224 --epochs 36 --lr 2e-3
-        run polyp-2 polyp "${common[@]}" --size 224 --epochs 56 --lr 1e-3 --warmup-epochs 1 \
-          --init "$runs/polyp/bundle" --version 1.1.0
-      else
-        # Version 2: from scratch at 352 px (the resolution strong Kvasir-SEG results train and test at),
-        # heavy geometric and colour augmentation (zoom 0.5-1.5, any rotation, shear, brightness, contrast
-        # and saturation), deep supervision of the decoder levels and a moving average of the weights.
-        run polyp-v2 polyp "${common[@]}" --size 352 --epochs 80 --lr 2e-3 --scale 0.5,1.5 --rotate 180 \
-          --shear 22 --brightness 0.3 --contrast 0.3 --saturation 0.3 --deep-supervision 0.5 --ema 0.995 \
-          --version 2.0.0
+      # Version 1.1.0, two stages at 224 px. The shipped stage 1 was stopped after 27 of its 36 epochs
+      # and exported with --export; stage 2 was stopped after 49 of its 56 epochs and exported likewise.
+      # weights/polyp 1.1.0 is stage 2's bundle: copying it to $RUNS/polyp-2/bundle skips both stages.
+      [ -f "$runs/polyp-2/bundle/card.json" ] || run polyp polyp "${common[@]}" --size 224 --epochs 36 --lr 2e-3
+      run polyp-2 polyp "${common[@]}" --size 224 --epochs 56 --lr 1e-3 --warmup-epochs 1 \
+        --init "$runs/polyp/bundle" --version 1.1.0
+      if [ "$name" = polyp ]; then
+        # Version 2: 1.1.0 fine-tuned at 352 px (the resolution strong Kvasir-SEG results train and test
+        # at) with heavy geometric and colour augmentation (zoom 0.5-1.5, any rotation, shear, brightness,
+        # contrast and saturation) and deep supervision of the coarser decoder levels, on the same
+        # training split (same seed and validation fraction), with a fresh schedule.
+        run polyp-v2 polyp "${common[@]}" --size 352 --epochs 16 --lr 1e-3 --warmup-epochs 1 --scale 0.5,1.5 \
+          --rotate 180 --shear 22 --brightness 0.3 --contrast 0.3 --saturation 0.3 --deep-supervision 0.5 \
+          --init "$runs/polyp-2/bundle" --version 2.0.0
       fi ;;
     nuclei)
       run nuclei nuclei --data "$data/dsb2018_nuclei" --mask binary:127 --classes background,nucleus --colors 000000,34c759 \
