@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,11 +27,24 @@ class SqliteMetadata(Metadata):
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._db = self._connect()
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._enable_wal()
         with self.write() as _:
             for statement in schema(real="REAL", bigint="INTEGER"):
                 self._db.execute(statement)
         self._reader = self._connect()
+
+    def _enable_wal(self) -> None:
+        """Switch the file to WAL. Two processes opening a new file at once can both get SQLITE_BUSY here at
+        once, without SQLite's busy handler (it would deadlock them): retry until the busy timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S)
