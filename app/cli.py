@@ -142,6 +142,7 @@ def predict(argv: Sequence[str]) -> int:
             precision=defaults.precision,
             max_batch=defaults.max_batch,
             default_model=defaults.default_model,
+            graph=defaults.graph,
         )
     except ValueError as exc:  # a bad bundle, device or precision: the message names it
         print(f"unetseg predict: {exc}", file=sys.stderr)

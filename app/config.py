@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     compile: bool = Field(
         False, description="Compile models with torch.compile at start-up (slower start, faster steady state)."
     )
+    graph: Literal["auto", "script", "eager"] = Field(
+        "auto",
+        description="How forward passes run: script (a frozen TorchScript graph traced at start-up, which runs "
+        "without the Python interpreter), eager, or auto (script on CPU, eager on CUDA); ignored with compile.",
+    )
     max_batch: int = Field(8, ge=1, description="Most inputs (images or tiles) per forward pass.")
     max_wait_ms: float = Field(5.0, ge=0, description="Longest a request waits for others to fill a batch.")
     streams: int = Field(

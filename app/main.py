@@ -77,6 +77,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         compile=s.compile,
         default_model=s.default_model,
         streams=s.streams,
+        graph=s.graph,
         max_inflight_bytes=s.max_inflight_mb * 1024 * 1024,
     )
     metrics: Metrics = app.state.metrics

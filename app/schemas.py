@@ -64,6 +64,10 @@ class ModelOut(BaseModel):
     default: bool
     device: str = Field(examples=["cpu"])
     precision: str = Field(examples=["bfloat16"])
+    graph: str = Field(
+        examples=["script"],
+        description="How its forward pass runs: script (a frozen TorchScript graph), eager or compiled.",
+    )
     classes: list[ClassOut]
     input: InputPolicyOut
     metrics: dict[str, float] = Field(examples=[{"val_dice": 0.81, "val_iou": 0.72}])

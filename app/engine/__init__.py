@@ -96,6 +96,7 @@ class Engine:
         default_model: str | None = None,
         streams: int = 1,
         max_inflight_bytes: int = 0,
+        graph: str = "auto",
     ) -> None:
         self.device = device
         self.models: dict[str, ModelEngine] = {}
@@ -104,7 +105,7 @@ class Engine:
                 raise ValueError(f"two bundles are named {b.card.name!r} ({b.path})")
             dtype = resolve_dtype(precision, b.card, device)
             self.models[b.card.name] = ModelEngine(
-                b, device, dtype, max_batch, max_wait_s, queue_size, compile, streams
+                b, device, dtype, max_batch, max_wait_s, queue_size, compile, streams, graph
             )
         if not self.models:
             raise ValueError("no model bundles to serve")
@@ -126,9 +127,12 @@ class Engine:
         return cls(bundles, device, **kwargs)  # type: ignore[arg-type]
 
     def start(self, warmup: bool = True) -> None:
+        """Prepare each model (its frozen graph, where asked for), warm it up unless told not to, start it."""
         for m in self.models.values():
             if warmup:
                 m.warmup()
+            else:
+                m.prepare()
             m.start()
 
     def stop(self, timeout: float | None = None) -> None:

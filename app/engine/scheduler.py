@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from app.engine.device import input_shapes, new_stream, on_stream, stream_threads, warmup_batches
+from app.engine.graph import script_graph, wants_script
 from app.engine.work import TensorWork, Work
 from app.errors import InferenceFailed, NotReady, Overloaded
 from model.bundle import Bundle
@@ -97,6 +98,7 @@ class ModelEngine:
         queue_size: int = 64,
         compile: bool = False,
         streams: int = 1,
+        graph: str = "auto",
     ) -> None:
         if streams < 1:
             raise ValueError("streams must be at least 1")
@@ -114,6 +116,11 @@ class ModelEngine:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.model: Callable[[torch.Tensor], torch.Tensor] = torch.compile(model) if compile else model
+        self._module = model
+        self._script = wants_script(graph, device, compile)
+        # How the forward pass runs: "eager" (PyTorch modules), "compiled" (torch.compile) or "script" (a
+        # frozen TorchScript graph, made at warm-up; see app.engine.graph).
+        self.graph = "compiled" if compile else "eager"
         self.to_device_s = time.perf_counter() - t0
         self._jobs: list[Job] = []  # admitted and not finished, in arrival order
         self._cond = threading.Condition()
@@ -144,12 +151,30 @@ class ModelEngine:
             t.start()
 
     def warmup(self) -> None:
-        """Run every input shape the policy can produce at batch 1 and a full batch, before reporting ready."""
+        """``prepare``, then run every input shape the policy can produce at batch 1 and a full batch, before
+        reporting ready."""
         t0 = time.perf_counter()
+        self.prepare()
         for c, h, w in input_shapes(self.card.input):
             for n in warmup_batches(self.max_batch):
                 self._forward(torch.zeros(n, c, h, w), dynamic=n > 1)
         self.load_s += time.perf_counter() - t0
+
+    def prepare(self) -> None:
+        """Trace the model into a frozen graph where that is asked for (``graph``; once, before ``start``).
+
+        Not when ``model`` was replaced (a test's wrapper) or the policy has several input shapes.
+        """
+        shapes = input_shapes(self.card.input)
+        if not self._script or self.model is not self._module or len(shapes) != 1:
+            return
+        example = torch.zeros(1, *shapes[0]).to(self.device)
+        if self.channels_last:
+            example = example.contiguous(memory_format=torch.channels_last)
+        traced = script_graph(self._module, example, self.dtype, self.name)
+        if traced is not None:
+            self.model = traced
+            self.graph = "script"
 
     @property
     def queue_depth(self) -> int:

@@ -23,6 +23,7 @@ def describe(m: ModelEngine, default: bool) -> ModelOut:
         default=default,
         device=str(m.device),
         precision=str(m.dtype).removeprefix("torch."),
+        graph=m.graph,
         classes=[ClassOut(id=k.id, name=k.name, color=k.color) for k in c.classes],
         input=InputPolicyOut(
             channels=c.input.channels,

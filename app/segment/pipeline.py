@@ -99,6 +99,7 @@ class Options:
     max_pixels: int
     compress_level: int
     streams: int
+    graph: str = "auto"
 
     @classmethod
     def from_settings(cls, bundle: Path, s: Settings) -> Options:
@@ -111,6 +112,7 @@ class Options:
             s.max_pixels,
             s.png_compress_level,
             s.streams,
+            s.graph,
         )
 
 
@@ -141,6 +143,7 @@ class Segmenter:
             max_wait_s=options.max_wait_s,
             queue_size=max(64, 2 * self.threads),
             streams=streams,
+            graph=options.graph,
         )
         self.engine.start(warmup=False)
         # On the CPU the cores are the streams'; the threads' own torch work (resizing the input, upsampling
