@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 
 from app.engine import resolve_device, resolve_dtype, stream_threads
+from app.engine.graph import GRAPHS, script_graph, wants_script
 from bench import DATASETS, ROOT
 from bench.loadgen import LoadResult, json_request, multipart_request, run_load
 from model.bundle import discover, load_bundle
@@ -157,9 +158,11 @@ def _forward_rate(model: Any, x: torch.Tensor, device: torch.device, dtype: torc
     return n / (time.perf_counter() - start)
 
 
-def bare_model(bundle_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Callable[[int], torch.Tensor]]:
-    """The bundle's model on ``device`` as the engine runs it (channels-last unless float32), and a maker of
-    random input batches in the same layout."""
+def bare_model(
+    bundle_dir: Path, device: torch.device, dtype: torch.dtype, graph: str = "auto"
+) -> tuple[Any, Callable[[int], torch.Tensor]]:
+    """The bundle's model on ``device`` as the engine runs it (channels-last unless float32, a frozen graph
+    where ``graph`` asks for one), and a maker of random input batches in the same layout."""
     bundle = load_bundle(bundle_dir)
     model = bundle.model.to(device).eval()
     p = bundle.card.input
@@ -169,6 +172,8 @@ def bare_model(bundle_dir: Path, device: torch.device, dtype: torch.dtype) -> tu
     def inputs(batch: int) -> torch.Tensor:
         return torch.randn(batch, p.channels, p.size, p.size, device=device).contiguous(memory_format=layout)
 
+    if wants_script(graph, device, compile=False):
+        model = script_graph(model, inputs(1), dtype, bundle.card.name) or model
     return model, inputs
 
 
@@ -259,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--streams", type=int, default=1, help="UNETSEG_STREAMS for the service, workers for LitServe")
+    ap.add_argument("--graph", default="auto", choices=GRAPHS, help="UNETSEG_GRAPH for the service and the raw forward")
     ap.add_argument("--peers", nargs="*", default=["naive", "litserve"], choices=["naive", "litserve"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
     a = ap.parse_args(argv)
@@ -294,9 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         "max_batch": a.max_batch,
         "max_wait_ms": a.max_wait_ms,
         "streams": a.streams,
+        "graph": a.graph,
     }
     print(f"raw forward ({card.name}, {device}, {dname}):", flush=True)
-    model, inputs = bare_model(bundle_dir, device, dtype)
+    model, inputs = bare_model(bundle_dir, device, dtype, a.graph)
     report["raw"] = raw_forward(model, inputs, device, dtype, a.seconds, a.streams)
     flops = flops_per_image(bundle_dir)
     report["raw"]["gflop_per_image"] = round(flops / 1e9, 3)
@@ -317,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             "UNETSEG_MAX_BATCH": str(a.max_batch),
             "UNETSEG_MAX_WAIT_MS": str(a.max_wait_ms),
             "UNETSEG_STREAMS": str(a.streams),
+            "UNETSEG_GRAPH": a.graph,
             "UNETSEG_QUEUE_SIZE": "256",
             "UNETSEG_LOG_LEVEL": "warning",
         }
@@ -429,7 +437,8 @@ def render(report: dict[str, Any]) -> str:
     raw = report["raw"]
     lines = [
         f"{report['model']['name']} ({report['model']['input']}) on {report['machine']['hardware']}, "
-        f"{report['precision']}, service streams {report['streams']}, max batch {report['max_batch']}; "
+        f"{report['precision']}, graph {report.get('graph', 'eager')}, service streams {report['streams']}, "
+        f"max batch {report['max_batch']}; "
         f"raw forward best {raw['best_images_per_s']} img/s (again at the end: {raw['best_images_per_s_after']}; "
         f"ceiling {raw['ceiling_images_per_s']}) at batch {raw['best_batch']} x {raw['best_streams']} stream(s) "
         f"({raw['gflop_per_image']} GFLOP/image, {raw['achieved_tflops']} TFLOP/s"
