@@ -17,8 +17,8 @@ class LoadResult:
     seconds: float
     latencies: list[float] = field(default_factory=list)  # seconds, successful requests
     errors: dict[int, int] = field(default_factory=dict)  # status (0 = connection error) -> count
-    # Per successful request that sent Server-Timing: the share of its round trip not spent in the model's
-    # forward passes (decode, queue, encode, HTTP).
+    # Per successful request that sent Server-Timing: the share of its round trip outside its ``model`` entry
+    # (the service's forward passes and turning the logits into the mask): decode, queue, encode, HTTP.
     non_model: list[float] = field(default_factory=list)
 
     @property

@@ -239,24 +239,31 @@
     for (const cls of pred.classes) {
       if (cls.id === 0 || cls.pixels === 0) continue;
       const [r, g, b] = colors.get(cls.id) || [255, 0, 255];
-      const counts = cls.rle.counts;
-      let pos = 0;
-      for (let i = 0; i < counts.length; i++) {
-        const n = counts[i];
-        if (i % 2 === 1) {
-          for (let k = pos; k < pos + n; k++) {
-            const x = Math.floor(k / h);
-            const o = ((k - x * h) * w + x) * 4;
-            data[o] = r;
-            data[o + 1] = g;
-            data[o + 2] = b;
-            data[o + 3] = 255;
-          }
-        }
-        pos += n;
-      }
+      forEachRlePixel(cls.rle.counts, w, h, (p) => {
+        const o = p * 4;
+        data[o] = r;
+        data[o + 1] = g;
+        data[o + 2] = b;
+        data[o + 3] = 255;
+      });
     }
     ctx.putImageData(image, 0, 0);
+  }
+
+  // Calls fn(p) for every pixel of a COCO RLE of a w x h image (column-major runs, starting with a run of
+  // zeros), p being the pixel's row-major index.
+  function forEachRlePixel(counts, w, h, fn) {
+    let pos = 0;
+    for (let i = 0; i < counts.length; i++) {
+      const n = counts[i];
+      if (i % 2 === 1) {
+        for (let k = pos; k < pos + n; k++) {
+          const x = Math.floor(k / h);
+          fn((k - x * h) * w + x);
+        }
+      }
+      pos += n;
+    }
   }
 
   // Instance outlines: foreground pixels next to a pixel of another instance (or the background) are
@@ -265,18 +272,9 @@
     const { width: w, height: h } = pred;
     const ids = new Int32Array(w * h); // row-major instance ids, 0 = background
     for (const inst of pred.instances) {
-      const counts = inst.rle.counts;
-      let pos = 0;
-      for (let i = 0; i < counts.length; i++) {
-        const n = counts[i];
-        if (i % 2 === 1) {
-          for (let k = pos; k < pos + n; k++) {
-            const x = Math.floor(k / h);
-            ids[(k - x * h) * w + x] = inst.id;
-          }
-        }
-        pos += n;
-      }
+      forEachRlePixel(inst.rle.counts, w, h, (p) => {
+        ids[p] = inst.id;
+      });
     }
     const ctx = els.maskLayer.getContext("2d");
     const image = ctx.getImageData(0, 0, w, h);
