@@ -33,11 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from model.augment import IGNORE, AugmentConfig, augment, random_crops
 from model.bundle import Card, ClassInfo, Dataset, DType, InputPolicy, InstanceSpec, load_bundle, save_bundle
 from model.data import MaskSpec, Sample, find_pairs, load_sample, resize_pair, split
+from model.encoders import ENCODERS, IMAGENET_MEAN, IMAGENET_STD, load_imagenet
 from model.evaluate import evaluate_model
 from model.plot import plot_curves
 from model.unet import UNet, UNetConfig, count_parameters
@@ -64,6 +65,9 @@ class TrainConfig:
     upsample: str = "transpose"
     residual: bool = False
     skip: bool = True
+    encoder: str = "plain"  # or an EfficientNet-Lite (model.encoders)
+    pretrained: bool = False  # start the encoder from its ImageNet weights (and normalise as they expect)
+    encoder_lr: float = 1.0  # the encoder's learning rate as a fraction of lr
     epochs: int = 100
     batch_size: int = 8
     steps_per_epoch: int = 0  # 0: one pass over the training images
@@ -119,6 +123,7 @@ class TrainConfig:
             upsample=self.upsample,  # type: ignore[arg-type]
             residual=self.residual,
             skip=self.skip,
+            encoder=self.encoder,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,6 +178,22 @@ def hardware(device: torch.device) -> str:
         pass
     threads = torch.get_num_threads()
     return f"{cpu}, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def ema_warmup_fn(decay: float) -> Any:
+    """The moving average's update with a warm-up (as timm's ``ModelEmaV2``): at the n-th update the
+    decay is min(decay, (1 + n) / (10 + n)), so the first steps follow the weights closely instead of
+    blending the random start into the average for hundreds of steps."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        if not averaged[0].is_floating_point():  # batch norm's step counters: the model's own
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(c)
+            return
+        n = float(num_averaged)
+        torch._foreach_lerp_(averaged, current, 1 - min(decay, (1 + n) / (10 + n)))
+
+    return update
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -324,6 +345,8 @@ def load_data(cfg: TrainConfig, device: torch.device) -> Data:
         raise ValueError(f"masks hold class id {top}, but only {len(cfg.class_names)} classes are named")
     mean = sums / count
     std = np.sqrt(np.maximum(sq / count - mean**2, 1e-6))
+    if cfg.pretrained:  # the statistics the pretrained encoder was trained with, not the dataset's
+        mean, std = np.full(cfg.channels, IMAGENET_MEAN), np.full(cfg.channels, IMAGENET_STD)
     return Data(
         train_x=[x.to(device) for x in train_x],
         train_y=[y.to(device) for y in train_y],
@@ -404,14 +427,19 @@ def train(cfg: TrainConfig, resume: bool = False, max_epochs_this_run: int = 0, 
     if device.type == "cuda" or dtype == torch.bfloat16:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     # With --ema, validation, the best checkpoint and the exported bundle use the averaged weights.
+    if cfg.pretrained and not cfg.init and not (resume and ckpt_path.exists()):
+        assert model.encoder is not None
+        load_imagenet(model.encoder)
     ema = None
     if cfg.ema:
-        ema_fn = get_ema_multi_avg_fn(cfg.ema)  # type: ignore[no-untyped-call]
-        ema = AveragedModel(model, multi_avg_fn=ema_fn, use_buffers=True)
+        ema = AveragedModel(model, multi_avg_fn=ema_warmup_fn(cfg.ema), use_buffers=True)
     # Made after the average's copy of the model, so that copy carries no hooks.
     side = SideOutputs(model).to(device) if cfg.deep_supervision else None
-    params = list(model.parameters()) + (list(side.parameters()) if side is not None else [])
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    encoder = list(model.encoder.parameters()) if model.encoder is not None else []
+    rest = [p for p in model.parameters() if all(p is not q for q in encoder)]
+    rest += list(side.parameters()) if side is not None else []
+    groups = [{"params": rest}] + ([{"params": encoder, "lr": cfg.lr * cfg.encoder_lr}] if encoder else [])
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_train = len(data.train_x)
     steps = cfg.steps_per_epoch or max(1, n_train // cfg.batch_size)
     total_steps = steps * cfg.epochs
@@ -720,11 +748,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="resize side, or tile/crop side for --sizing tile")
     p.add_argument("--overlap", type=float, default=0.25, help="tile overlap at inference (tile sizing)")
     p.add_argument("--base-width", type=int, default=32)
-    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--depth", type=int, default=None, help="down-sampling steps (default 4; 5 with an EfficientNet)")
     p.add_argument("--norm", choices=["batch", "group", "instance", "none"], default="batch")
     p.add_argument("--upsample", choices=["transpose", "bilinear"], default="transpose")
     p.add_argument("--residual", action="store_true")
     p.add_argument("--no-skip", action="store_true", help="plain encoder-decoder (ablation)")
+    p.add_argument(
+        "--encoder",
+        choices=ENCODERS,
+        default="plain",
+        help="plain (the paper's) or an EfficientNet-Lite (5 levels; --depth is 5)",
+    )
+    p.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="start the encoder from ImageNet weights (the train extra's package) and use their normalisation",
+    )
+    p.add_argument(
+        "--encoder-lr",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="the encoder's learning rate as a fraction F of --lr (e.g. 0.1 for a pretrained encoder)",
+    )
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps-per-epoch", type=int, default=0)
@@ -830,6 +876,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for flag in ("brightness", "contrast", "saturation"):
         if not 0 <= getattr(args, flag) < 1:
             raise SystemExit(f"--{flag} takes a fraction in [0, 1), got {getattr(args, flag)}")
+    if args.pretrained and args.encoder == "plain":
+        raise SystemExit("--pretrained needs an --encoder with ImageNet weights (e.g. efficientnet-lite0)")
+    if args.encoder_lr <= 0:
+        raise SystemExit(f"--encoder-lr takes a fraction > 0, got {args.encoder_lr}")
     if args.min_area < 0:
         raise SystemExit(f"--min-area takes a number of pixels >= 0, got {args.min_area}")
     try:
@@ -851,11 +901,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         size=args.size,
         overlap=args.overlap,
         base_width=args.base_width,
-        depth=args.depth,
+        depth=args.depth if args.depth is not None else (4 if args.encoder == "plain" else 5),
         norm=args.norm,
         upsample=args.upsample,
         residual=args.residual,
         skip=not args.no_skip,
+        encoder=args.encoder,
+        pretrained=args.pretrained,
+        encoder_lr=args.encoder_lr,
         epochs=args.epochs,
         batch_size=args.batch_size,
         steps_per_epoch=args.steps_per_epoch,

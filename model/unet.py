@@ -5,6 +5,11 @@ The network is built from four small blocks that read like the paper's figure: `
 convolutions), ``Down`` (2x2 max-pool, then ``DoubleConv``), ``Up`` (2x upsampling, concatenation with the
 encoder features of the same resolution, then ``DoubleConv``) and a 1x1 ``OutConv``.
 
+The encoder is ``plain`` (the paper's: ``DoubleConv`` then ``depth`` times ``Down``) or an
+EfficientNet-Lite (``model.encoders``; ImageNet-pretrained when trained with ``--pretrained``), whose five
+stages replace the ``Down`` blocks: the decoder then has five levels, and a ``DoubleConv`` on the input gives
+it the full-resolution skip that the EfficientNet (whose stem has stride 2) does not have.
+
 Size contract: any input height and width. Inputs are padded (edge replication) to the next multiple of
 ``2**depth`` and the logits are cropped back, so the output always has the input's spatial size.
 """
@@ -18,6 +23,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from model.encoders import ENCODERS, EfficientNetLiteEncoder, EncoderSpec
 
 Norm = Literal["batch", "group", "instance", "none"]
 Upsample = Literal["transpose", "bilinear"]
@@ -38,6 +45,7 @@ class UNetConfig:
     upsample: Upsample = "transpose"
     residual: bool = False  # ResNet-style identity (or 1x1 projection) around each DoubleConv
     skip: bool = True  # False gives a plain encoder-decoder (no concatenation), for ablation
+    encoder: str = "plain"  # "plain" or an EfficientNet-Lite ("efficientnet-lite0"); see model.encoders
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "num_classes", "base_width", "depth"):
@@ -53,6 +61,10 @@ class UNetConfig:
         for name in ("residual", "skip"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.encoder != "plain" and self.depth != 5:
+            raise ValueError(f"the {self.encoder} encoder downsamples 5 times: depth must be 5, got {self.depth}")
 
     @property
     def multiple(self) -> int:
@@ -178,11 +190,19 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        widths = [c.base_width * 2**i for i in range(c.depth + 1)]
+        widths = [c.base_width * 2**i for i in range(c.depth + 1)]  # the decoder's width at each level
         self.inc = DoubleConv(c.in_channels, widths[0], c.norm, c.residual)
-        self.downs = nn.ModuleList(Down(widths[i], widths[i + 1], c.norm, c.residual) for i in range(c.depth))
+        self.encoder: EfficientNetLiteEncoder | None = None
+        if c.encoder == "plain":
+            self.downs = nn.ModuleList(Down(widths[i], widths[i + 1], c.norm, c.residual) for i in range(c.depth))
+            skips = widths[:-1]
+        else:
+            self.encoder = EfficientNetLiteEncoder(c.encoder, c.in_channels)
+            self.downs = nn.ModuleList()
+            channels = EncoderSpec.of(c.encoder).channels
+            skips, widths[-1] = [widths[0], *channels[:-1]], channels[-1]
         self.ups = nn.ModuleList(
-            Up(widths[i + 1], widths[i] if c.skip else 0, widths[i], c.norm, c.residual, c.upsample)
+            Up(widths[i + 1], skips[i] if c.skip else 0, widths[i], c.norm, c.residual, c.upsample)
             for i in reversed(range(c.depth))
         )
         self.outc = OutConv(widths[0], c.num_classes)
@@ -196,6 +216,8 @@ class UNet(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         features = [self.inc(x)]  # level 0: (B, w0, H, W)
+        if self.encoder is not None:
+            features += self.encoder(x)  # level i: (B, channels[i - 1], H/2^i, W/2^i)
         for down in self.downs:
             features.append(down(features[-1]))  # level i: (B, w_i, H/2^i, W/2^i)
         y = features.pop()
@@ -207,7 +229,7 @@ class UNet(nn.Module):
 
     @property
     def first_layer(self) -> nn.Conv2d:
-        """The first encoder convolution: where the ablation measures how much gradient arrives."""
+        """The first convolution at full resolution: where the ablation measures how much gradient arrives."""
         layer = self.inc.body[0]
         assert isinstance(layer, nn.Conv2d)
         return layer

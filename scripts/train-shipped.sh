@@ -56,6 +56,31 @@ for name in "${names[@]}"; do
           --rotate 180 --shear 22 --brightness 0.3 --contrast 0.3 --saturation 0.3 --deep-supervision 0.5 \
           --init "$runs/polyp-2/bundle" --version 2.0.0
       fi ;;
+    polyp-v3)
+      # Version 3: a U-Net on an ImageNet-pretrained EfficientNet-Lite0 encoder (the train extra's weights,
+      # their normalisation), trained from those weights on the same split (seed 0, validation 10%) at
+      # 352 px with polyp 2's augmentation and deep supervision; the encoder learns at a tenth of the
+      # decoder's rate; the exported weights are a moving average (with its warm-up).
+      run polyp-v3 polyp --data "$data/kvasir_seg" --mask binary:127 --classes background,polyp --colors 000000,ff3b30 \
+        --sizing resize --size 352 --encoder efficientnet-lite0 --pretrained --encoder-lr 0.1 --base-width 16 \
+        --batch-size 8 --epochs 22 --lr 1e-3 --warmup-epochs 1 --ema 0.99 --patience 0 --scale 0.5,1.5 \
+        --rotate 180 --shear 22 --brightness 0.3 --contrast 0.3 --saturation 0.3 --deep-supervision 0.5 \
+        --version 3.0.0 --description "Colorectal polyps in colonoscopy frames (binary)." \
+        --dataset-name "Kvasir-SEG" --dataset-url "https://datasets.simula.no/kvasir-seg/" \
+        --dataset-license "research and educational use; commercial use needs the authors' permission (the images also ship in HyperKvasir under CC BY 4.0)" \
+        --dataset-citation "Jha et al., Kvasir-SEG: A Segmented Polyp Dataset, MMM 2020" ;;
+    nuclei-v3)
+      # Version 3: nuclei 2's instance recipe (interior and 2-pixel boundary classes, watershed, best epoch by
+      # validation mAP) on the ImageNet-pretrained EfficientNet-Lite0 encoder, as polyp 3.
+      run nuclei-v3 nuclei --data "$data/dsb2018_nuclei" --mask instances:boundary=2 \
+        --classes background,nucleus,boundary --colors 000000,34c759,ffd60a --min-area 16 \
+        --sizing tile --size 256 --encoder efficientnet-lite0 --pretrained --encoder-lr 0.1 --base-width 16 \
+        --epochs 40 --steps-per-epoch 50 --batch-size 8 --lr 2e-3 --warmup-epochs 1 --ema 0.99 --patience 0 \
+        --version 3.0.0 \
+        --description "Cell nuclei in fluorescence, brightfield and H&E microscopy, one instance per nucleus (interior and boundary classes, split by watershed)." \
+        --dataset-name "2018 Data Science Bowl stage1_train (BBBC038) with community mask fixes" \
+        --dataset-url "https://bbbc.broadinstitute.org/BBBC038" --dataset-license "CC0 1.0" \
+        --dataset-citation "Caicedo et al., Nucleus segmentation across imaging experiments: the 2018 Data Science Bowl, Nature Methods 16, 2019" ;;
     nuclei)
       run nuclei nuclei --data "$data/dsb2018_nuclei" --mask binary:127 --classes background,nucleus --colors 000000,34c759 \
         --sizing tile --size 256 --base-width 24 --epochs 24 --steps-per-epoch 50 --batch-size 8 --lr 2e-3 --patience 0 \
