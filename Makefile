@@ -1,4 +1,4 @@
-# Targets the README names. PYTHON picks the interpreter that creates the virtual environment.
+# Targets the README and docs/ name. PYTHON picks the interpreter that creates the virtual environment.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    """Every field has a default and a one-line description; the README's settings table repeats them."""
+    """Every field has a default and a one-line description; the settings table in docs/api.md repeats them."""
 
     model_config = SettingsConfigDict(env_prefix="UNETSEG_", env_file=".env", extra="ignore", frozen=True)
 
