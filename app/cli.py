@@ -12,23 +12,6 @@ from pathlib import Path
 
 
 def serve(argv: Sequence[str]) -> int:
-    import signal
-    from types import FrameType
-
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """SIGTERM is an orderly stop: stop accepting, finish in-flight requests, drain the queue, exit 0.
-
-        (uvicorn re-raises the signal after shutting down, which would end the process with -15.)
-        """
-
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            super().handle_exit(sig, frame)
-            captured = getattr(self, "_captured_signals", None)
-            if sig == signal.SIGTERM and captured:
-                captured.remove(sig)
-
     from app.config import Settings
     from app.logs import configure_logging
     from app.main import create_app
@@ -41,6 +24,13 @@ def serve(argv: Sequence[str]) -> int:
     p.add_argument("--data-dir", type=Path, help="overrides UNETSEG_DATA_DIR")
     p.add_argument("--device", help="overrides UNETSEG_DEVICE")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=defaults.workers,
+        help="HTTP front-end processes sharing one engine process (default UNETSEG_WORKERS; 0: one per two cores "
+        "on a CUDA host, at most 8; 1: one process)",
+    )
     p.add_argument("--ray", action="store_true", help="serve from Ray Serve replicas (needs the ray extra)")
     p.add_argument("--replicas", type=int, default=1, help="with --ray: whole-app replicas")
     p.add_argument("--ray-address", help="with --ray: join this cluster (default: RAY_ADDRESS, else start one)")
@@ -70,27 +60,28 @@ def serve(argv: Sequence[str]) -> int:
             print(f"unetseg serve --ray needs the ray extra (pip install -e '.[ray]'): {exc}", file=sys.stderr)
             return 2
         return run(settings, args.replicas, args.ray_address, args.gpus_per_replica, grace_s=args.grace)
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=args.grace,
-    )
-    Server(config).run()
+    if args.workers < 0:
+        p.error("--workers must be at least 0")
+    workers = args.workers
+    if workers == 0:
+        from app.procs.supervisor import default_workers
+
+        workers = default_workers()
+    if workers > 1:
+        from app.procs.supervisor import run as run_workers
+
+        return run_workers(settings, workers, args.grace)
+    from app import serving
+
+    serving.run(create_app(settings), settings, args.grace)
     return 0
 
 
 def predict(argv: Sequence[str]) -> int:
-    import asyncio
-
     from app.config import Settings
     from app.engine import Engine, resolve_device
     from app.errors import ServiceError
-    from app.imaging import encode_mask_png, encode_overlay_png
-    from app.segment import segment_image
+    from app.pipeline import Ask, predict_sync
 
     defaults = Settings()
     p = argparse.ArgumentParser(
@@ -156,25 +147,19 @@ def predict(argv: Sequence[str]) -> int:
     failures = 0
     try:
         m = engine.get(args.model)
-        colors = [c.color for c in m.card.classes]
+        # The service's own pipeline; bulk=True for the class areas printed below.
+        ask = Ask(m.name, args.format, 0.5, defaults.png_compress_level, bulk=True)
         for path in args.images:
             try:
-                data = path.read_bytes()
-                full = args.format == "overlay"
-                decoded, seg = asyncio.run(segment_image(engine, m.name, data, defaults.max_pixels, None, full))
+                answer = predict_sync(engine, ask, path.read_bytes(), defaults.max_pixels)
             except (ServiceError, OSError) as exc:
                 print(f"{path}: {exc}", file=sys.stderr)
                 failures += 1
                 continue
-            level = defaults.png_compress_level
-            png = (
-                encode_mask_png(seg.mask, colors, level)
-                if args.format == "png"
-                else encode_overlay_png(decoded.rgb, seg.mask, colors, 0.5, level)
-            )
             target = args.out / f"{path.stem}.png"
-            target.write_bytes(png)
-            areas = ", ".join(f"{c.name} {float((seg.mask == c.id).mean()):.1%}" for c in m.card.classes[1:])
+            target.write_bytes(answer.body)
+            total = max(1, answer.width * answer.height)
+            areas = ", ".join(f"{c.name} {answer.counts[c.id] / total:.1%}" for c in m.card.classes[1:])
             print(f"{path} -> {target} ({areas})")
     finally:
         engine.stop()

@@ -48,8 +48,16 @@ class Settings(BaseSettings):
         description="How forward passes run: script (a frozen TorchScript graph traced at start-up, which runs "
         "without the Python interpreter), eager, or auto (script on CPU, eager on CUDA); ignored with compile.",
     )
-    max_batch: int = Field(8, ge=1, description="Most inputs (images or tiles) per forward pass.")
+    max_batch: int = Field(
+        0,
+        ge=0,
+        description="Most inputs (images or tiles) per forward pass; 0: measured per model at warm-up (the largest "
+        "batch that still adds throughput, up to 64 on a GPU and 16 on a CPU).",
+    )
     max_wait_ms: float = Field(5.0, ge=0, description="Longest a request waits for others to fill a batch.")
+    cuda_graphs: bool = Field(
+        True, description="On CUDA, replay each model's forward pass as CUDA graphs captured per batch size."
+    )
     streams: int = Field(
         1,
         ge=1,
@@ -87,6 +95,17 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="Logging level.")
     warmup: bool = Field(True, description="Run a forward pass per model and input shape before reporting ready.")
+    workers: int = Field(
+        1,
+        ge=0,
+        description="HTTP front-end processes of `unetseg serve`; above 1 they share one engine process that holds "
+        "the models (0: one per two CPU cores, at most 8, on a CUDA host; 1 on a CPU).",
+    )
+    engine_socket: str = Field(
+        "",
+        description="Unix socket of a shared engine process; set by `unetseg serve --workers` for its front ends "
+        "(empty: the models run in this process).",
+    )
 
     @field_validator("api_key", "cors_origins", mode="before")
     @classmethod

@@ -3,6 +3,10 @@
 Start-up validates and loads every bundle (a bad bundle stops the start with a message naming the file
 and field), opens the upload store, then moves the models to the device and warms them up in a
 background thread: ``/healthz`` answers at once, ``/readyz`` turns 200 when the models are warm.
+
+With ``UNETSEG_ENGINE_SOCKET`` (set by ``unetseg serve --workers N`` for its front ends) the models live in
+the engine process behind that socket instead, and this process loads no torch: it reads, decodes and
+encodes, and ``/readyz`` turns 200 once the engine process answers that its models are warm.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ import os
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -23,13 +27,15 @@ from fastapi.responses import JSONResponse
 
 from app.config import Settings
 from app.deps import require_api_key
-from app.engine import Engine, resolve_device
 from app.errors import ServiceError
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, RouteTemplates
 from app.routes import docs, health, models, predict, uploads, web
 from app.state import AppState
 from app.store import open_store
+
+if TYPE_CHECKING:
+    from app.engine import Engine
 
 log = logging.getLogger("unetseg")
 
@@ -48,28 +54,17 @@ error bodies repeat it as `request_id` next to `detail`. `X-Served-By` names the
 `/`; Prometheus metrics are at `/metrics`."""
 
 
-def _start_engine(state: AppState) -> None:
-    assert state.engine is not None
-    try:
-        state.engine.start(warmup=state.settings.warmup)
-    except Exception as exc:
-        state.error = f"warm-up failed: {type(exc).__name__}: {exc}"
-        log.exception("model warm-up failed")
-        return
-    state.ready.set()
-    log.info("ready: %s on %s", ", ".join(state.engine.models), state.engine.device)
+def local_engine(s: Settings) -> Engine:
+    """Every bundle of ``s.weights_dir`` loaded (not yet warm) for this process's device, as the settings say."""
+    import torch
 
+    from app.engine import Engine, resolve_device
 
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    state: AppState = app.state.unetseg
-    s = state.settings
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
-    device = resolve_device(s.device)
-    state.engine = Engine.from_folder(
+    return Engine.from_folder(
         s.weights_dir,
-        device,
+        resolve_device(s.device),
         precision=s.precision,
         max_batch=s.max_batch,
         max_wait_s=s.max_wait_ms / 1000,
@@ -78,21 +73,63 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         default_model=s.default_model,
         streams=s.streams,
         graph=s.graph,
+        cuda_graphs=s.cuda_graphs,
         max_inflight_bytes=s.max_inflight_mb * 1024 * 1024,
     )
-    metrics: Metrics = app.state.metrics
-    for m in state.engine.models.values():
-        m.on_batch = metrics.observe_batch
+
+
+def _start_engine(state: AppState, engine: Engine) -> None:
+    try:
+        engine.start(warmup=state.settings.warmup)
+    except Exception as exc:
+        state.error = f"warm-up failed: {type(exc).__name__}: {exc}"
+        log.exception("model warm-up failed")
+        return
+    state.ready.set()
+    log.info("ready: %s on %s", ", ".join(engine.models), engine.device)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: AppState = app.state.unetseg
+    s = state.settings
+    if s.engine_socket:
+        async with _remote(state):
+            yield
+        return
+    engine = local_engine(s)
+    state.engine = engine
     state.store = open_store(s)
     state.executor = concurrent.futures.ThreadPoolExecutor(s.io_threads or os.cpu_count() or 1, "unetseg-io")
-    loader = threading.Thread(target=_start_engine, args=(state,), name="unetseg-warmup", daemon=True)
+    loader = threading.Thread(target=_start_engine, args=(state, engine), name="unetseg-warmup", daemon=True)
     loader.start()
     try:
         yield
     finally:
         state.ready.clear()
         loader.join()
-        state.engine.stop()  # finishes what is queued
+        engine.stop()  # finishes what is queued
+        state.executor.shutdown(wait=True)
+        state.store.close()
+
+
+@asynccontextmanager
+async def _remote(state: AppState) -> AsyncIterator[None]:
+    """A front end's lifespan: the engine process's client (ready once that process says its models are warm),
+    the store and the I/O threads."""
+    from app.procs.client import RemoteEngine
+
+    s = state.settings
+    engine = RemoteEngine(s.engine_socket, s.default_model)
+    state.engine = engine
+    state.store = open_store(s)
+    state.executor = concurrent.futures.ThreadPoolExecutor(s.io_threads or os.cpu_count() or 1, "unetseg-io")
+    await engine.start(on_ready=state.ready.set)
+    try:
+        yield
+    finally:
+        state.ready.clear()
+        await engine.stop()
         state.executor.shutdown(wait=True)
         state.store.close()
 

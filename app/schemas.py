@@ -68,6 +68,11 @@ class ModelOut(BaseModel):
         examples=["script"],
         description="How its forward pass runs: script (a frozen TorchScript graph), eager or compiled.",
     )
+    max_batch: int = Field(
+        examples=[16],
+        description="Most inputs (images or tiles) per forward pass: measured at warm-up unless UNETSEG_MAX_BATCH "
+        "sets it.",
+    )
     classes: list[ClassOut]
     input: InputPolicyOut
     metrics: dict[str, float] = Field(examples=[{"val_dice": 0.81, "val_iou": 0.72}])
@@ -141,4 +146,6 @@ class Prediction(BaseModel):
     instances: list[Instance] | None = Field(
         None, description="Each instance, in id order (models with instances only; absent otherwise)."
     )
-    timings_ms: dict[str, float] = Field(examples=[{"decode": 4.1, "queue": 0.2, "model": 31.5, "encode": 0.9}])
+    timings_ms: dict[str, float] = Field(
+        examples=[{"decode": 4.1, "queue": 0.2, "model": 31.5, "post": 0.3, "encode": 0.9}]
+    )

@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass, field
 
 from app.config import Settings
-from app.engine import Engine
+from app.inference import Inference
 from app.store import UploadStore
 
 
@@ -15,7 +15,7 @@ from app.store import UploadStore
 class AppState:
     settings: Settings
     store: UploadStore | None = None
-    engine: Engine | None = None
+    engine: Inference | None = None  # the models: in this process, or an engine process's (--workers)
     executor: concurrent.futures.ThreadPoolExecutor | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     error: str | None = None  # why start-up failed, for /readyz

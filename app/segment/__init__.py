@@ -3,7 +3,7 @@
     unetseg segment SRC DST --model M [--ray [--ray-address ADDR]] [--workers N]
 
 Each image ``SRC/a/b.jpg`` gets ``DST/a/b.png``: the same palette PNG that ``POST /v1/predict`` returns for
-that image, made by the same function (``segment_image``). ``DST/summary.csv`` has one row per image: its
+that image, made by the same pipeline (``app.pipeline``). ``DST/summary.csv`` has one row per image: its
 size, the pixel count and fraction of every class and, for a model with instances, the instance count (kept in
 a text chunk of the mask, for reruns), or the error that kept it from being segmented.
 
@@ -33,11 +33,11 @@ from typing import IO
 
 from app.config import Settings
 from app.segment.output import SUMMARY, Progress, read_mask, remove_partial, write_atomic, write_summary
-from app.segment.pipeline import Options, Outcome, Segmenter, ray_outcomes, segment_image
+from app.segment.pipeline import Options, Outcome, Segmenter, ray_outcomes
 from app.segment.sources import mask_path, open_source
 from model.bundle import discover, read_card
 
-__all__ = ["SUMMARY", "Report", "find_bundle", "main", "run", "segment_image"]
+__all__ = ["SUMMARY", "Report", "find_bundle", "main", "run"]
 
 
 @dataclass
