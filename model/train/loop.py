@@ -101,6 +101,7 @@ def train(
     max_epochs_this_run: int = 0,
     log: bool = True,
     time_budget: float = 0.0,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Run (or continue) training; returns the final summary (also in RUN_DIR/summary.json).
 
@@ -108,6 +109,7 @@ def train(
     wall-clock seconds for this call before the export (0 = none): when the next epoch would end after it,
     at the pace of this one, the run ends after this epoch as if it were the last (validated, exported;
     ``stop`` = "time budget"). The schedule is not shortened, so a budget is a guard, not a recipe.
+    ``log``: a line per epoch on stderr, and with ``progress`` a status line within the epoch too.
     """
     started = time.monotonic()
     device = resolve_device(cfg.device)
@@ -217,7 +219,7 @@ def train(
         order = torch.randperm(n_train, generator=gen_order)
         if steps * cfg.batch_size > n_train:  # tile datasets: sample more crops than images
             order = torch.randint(0, n_train, (steps * cfg.batch_size,), generator=gen_order)
-        bar = Progress(steps, f"epoch {state['epoch'] + 1}/{cfg.epochs}") if log else None
+        bar = Progress(steps, f"epoch {state['epoch'] + 1}/{cfg.epochs}") if log and progress else None
         # Summed on the device in float64 (the sum of Python floats it replaces), read only when shown.
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         grad_norms: list[torch.Tensor] = []
