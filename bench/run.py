@@ -45,7 +45,7 @@ from app.engine.graph import GRAPHS, script_graph, wants_script
 from bench import DATASETS, ROOT
 from bench.loadgen import LoadResult, json_request, multipart_request, run_load
 from model.bundle import discover, load_bundle
-from model.train import hardware
+from model.device import hardware
 
 DATASET_IMAGES = DATASETS / "kvasir_seg" / "images"
 
