@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from app.engine.device import input_shapes, on_stream
+from app.engine.device import input_shapes, new_stream, on_stream
 from app.engine.graph import script_graph, wants_script
 from model.bundle import Bundle
 from model.inference import normalize, statistics
@@ -123,7 +123,7 @@ class Runner:
 
     def new_stream(self) -> torch.cuda.Stream | None:
         """A CUDA stream of its own for one worker (so that workers overlap), None off CUDA."""
-        return torch.cuda.Stream(self.device) if self.cuda else None  # type: ignore[no-untyped-call]
+        return new_stream(self.device)
 
     def staging(self, max_batch: int) -> Staging | None:
         if not self.cuda:

@@ -6,8 +6,9 @@ that leaves the device idle most of the time (on an H200, validating 88 polyp fr
 epoch). Here the plans are made once per run and their inputs kept on the device; each validation runs
 them in batches across images, resizes or blends each image's logits on the device and scores them there,
 so that only the (K, K) confusion matrices come back (and, for instance models, the logits that the
-watershed needs). The plans, the blending window and the scoring are the service's (``make_plan``,
-``gaussian_window``, ``model.evaluate.Scorer``): the numbers are ``evaluate_model``'s up to float rounding.
+watershed needs). The plans, the resizing and blending and the scoring are the service's (``make_plan``,
+``Blender``, ``resize_logits``, ``model.evaluate.Scorer``): the numbers are ``evaluate_model``'s up to float
+rounding.
 
 The exported bundle's card is still scored through the serving pipeline itself (``model.train.export``).
 """
@@ -20,12 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from model.bundle import InputPolicy, InstanceSpec
 from model.data import Sample
 from model.evaluate import Scorer
-from model.inference import gaussian_window, make_plan
+from model.inference import Blender, TileGrid, make_plan, resize_logits
 
 
 @dataclass
@@ -34,7 +34,7 @@ class _Image:
     start: int  # its first input's index in ValSet.inputs
     height: int
     width: int
-    origins: list[tuple[int, int]]  # tile origins (top, left); empty under "resize"
+    grid: TileGrid | None  # its tiles; None under "resize"
     mask: torch.Tensor  # (H, W) uint8 class ids, on the device
     instances: np.ndarray | None  # (H, W) instance ids, for the instance metric (scored on the host)
 
@@ -54,31 +54,24 @@ class ValSet:
         for s in samples:
             plan = make_plan(s.image, policy)
             mask = torch.from_numpy(np.ascontiguousarray(s.mask)).to(device)
-            self.images.append(_Image(s.stem, start, plan.height, plan.width, plan.origins, mask, s.instances))
+            self.images.append(_Image(s.stem, start, plan.height, plan.width, plan.grid, mask, s.instances))
             inputs.append(plan.inputs)
             start += plan.inputs.shape[0]
         self.inputs = torch.cat(inputs).to(device) if inputs else torch.empty(0)
-        t = policy.size
-        self.window = gaussian_window(t, t).to(device)  # (t, t) tile weights, as the service blends
 
     def __len__(self) -> int:
         return len(self.images)
 
     def logits(self, outputs: torch.Tensor, image: _Image) -> torch.Tensor:
         """(K, H, W) float32 logits of ``image`` at its own size, from the (N, K, h, w) outputs of every
-        input: resized bilinearly, or its tiles blended with the Gaussian window (``blended_logits``)."""
-        if not image.origins:
-            out = outputs[image.start : image.start + 1]
-            return F.interpolate(out, size=(image.height, image.width), mode="bilinear", align_corners=False)[0]
-        k, t = outputs.shape[1], outputs.shape[-1]
-        th, tw = min(t, image.height), min(t, image.width)  # a padded tile counts inside the image only
-        acc = torch.zeros(k, image.height, image.width, device=outputs.device)
-        weight = torch.zeros(image.height, image.width, device=outputs.device)
-        win = self.window[:th, :tw]
-        for i, (y, x) in enumerate(image.origins):
-            acc[:, y : y + th, x : x + tw].addcmul_(outputs[image.start + i, :, :th, :tw], win)
-            weight[y : y + th, x : x + tw].add_(win)
-        return acc / weight
+        input: resized bilinearly, or its tiles blended (``model.inference``, on the outputs' device). A binary
+        model's come back as (0, class 1 minus class 0), as the service's: the same argmax and softmax."""
+        if image.grid is None:
+            return resize_logits(outputs[image.start], image.height, image.width)
+        blender = Blender(image.grid, int(outputs.shape[1]), outputs.device)
+        for i in range(len(image.grid)):
+            blender.add(i, outputs[image.start + i])
+        return blender.logits()
 
 
 @torch.inference_mode()
