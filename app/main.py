@@ -78,7 +78,21 @@ def local_engine(s: Settings) -> Engine:
     )
 
 
-def _start_engine(state: AppState, engine: Engine) -> None:
+def io_pool(s: Settings, name: str) -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that decode, prepare, finish and encode requests (``UNETSEG_IO_THREADS``). Their torch work
+    (the CPU's upsampling and class maps) runs on one torch thread each: many requests at once use the cores,
+    not each request all of them over again."""
+    import torch
+
+    threads = s.io_threads or os.cpu_count() or 1
+    return concurrent.futures.ThreadPoolExecutor(threads, name, initializer=lambda: torch.set_num_threads(1))
+
+
+def _start_engine(state: AppState) -> None:
+    from app.engine import Engine
+
+    engine = state.engine
+    assert isinstance(engine, Engine)
     try:
         engine.start(warmup=state.settings.warmup)
     except Exception as exc:
@@ -100,8 +114,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = local_engine(s)
     state.engine = engine
     state.store = open_store(s)
-    state.executor = concurrent.futures.ThreadPoolExecutor(s.io_threads or os.cpu_count() or 1, "unetseg-io")
-    loader = threading.Thread(target=_start_engine, args=(state, engine), name="unetseg-warmup", daemon=True)
+    state.executor = io_pool(s, "unetseg-io")
+    loader = threading.Thread(target=_start_engine, args=(state,), name="unetseg-warmup", daemon=True)
     loader.start()
     try:
         yield

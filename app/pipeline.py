@@ -69,7 +69,6 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)
     instances: int | None = None  # instances found, for a model with instances (format json/instances, bulk)
     counts: tuple[int, ...] = ()  # pixels per class (bulk)
-    decoded: Decoded | None = None  # the image as decoded (overlay draws on it)
 
 
 def wants_instances(ask: Ask, engine: Inference) -> bool:
@@ -100,11 +99,11 @@ def encode_response(engine: Inference, ask: Ask, decoded: Decoded, prepared: Any
         t0 = time.perf_counter()
         card = prepared.card
         colors = [c.color for c in card.classes]
-        answer = Answer(b"", "image/png", card.name, card.version, decoded.width, decoded.height, decoded=decoded)
+        answer = Answer(b"", "image/png", card.name, card.version, decoded.width, decoded.height)
         if ids is not None:
             answer.instances = int(ids.max(initial=0))
         if ask.format == "json":
-            classes = [(c.id, c.name) for c in card.classes]
+            summary = mask_summary(mask, [(c.id, c.name) for c in card.classes])
             extra: dict[str, Any] = {}
             if ids is not None and prepared.spec is not None:
                 found = instance_summary(ids, prepared.spec.interior)
@@ -116,7 +115,7 @@ def encode_response(engine: Inference, ask: Ask, decoded: Decoded, prepared: Any
                     "version": card.version,
                     "width": decoded.width,
                     "height": decoded.height,
-                    "classes": mask_summary(mask, classes),
+                    "classes": summary,
                     **extra,
                     "timings_ms": {k: round(v * 1000, 3) for k, v in answer.timings.items()},
                 }

@@ -64,9 +64,12 @@ class TensorWork:
 
 class ResizedWork:
     """One image resized to the model's input (``model.inference.resize_input``); its logits upsampled to the
-    image's size and turned into the class map on the device (``resize_argmax``) as they come back.
+    image's size and turned into the class map (``resize_argmax``) on the model's device.
 
-    ``keep_logits``: also keep the logits, for ``logits()`` (instances).
+    On a GPU that happens as the logits come back (``put``, on the worker's stream), so that only the uint8
+    mask is copied to the host. On the CPU it waits for ``mask()``, which the request's own I/O thread calls:
+    the worker, which every request shares, only runs forward passes, and the upsampling of many requests
+    runs on as many threads. ``keep_logits``: also keep the logits, for ``logits()`` (instances).
     """
 
     def __init__(
@@ -85,9 +88,12 @@ class ResizedWork:
         return self.input, None
 
     def put(self, index: int, logits: torch.Tensor) -> None:
-        self._mask = resize_argmax(logits, self.height, self.width)
-        if self.keep_logits:
-            self._logits = logits.clone()  # a CUDA graph's output memory is reused by its next replay
+        if logits.is_cuda:
+            self._mask = resize_argmax(logits, self.height, self.width)
+            if self.keep_logits:
+                self._logits = logits.clone()  # a CUDA graph's output memory is reused by its next replay
+        else:
+            self._logits = logits  # a view of its batch's output, which it keeps alive
 
     @staticmethod
     def bytes_needed(image: np.ndarray, size: tuple[int, int] | None, classes: int) -> int:
@@ -98,12 +104,14 @@ class ResizedWork:
         return int(image.nbytes) + pixels + 2 * band + _JOB_BYTES
 
     def mask(self) -> np.ndarray:
-        """(H, W) uint8 class ids, copied to the host."""
-        assert self._mask is not None, "the model has not run this work"
+        """(H, W) uint8 class ids on the host."""
+        if self._mask is None:
+            assert self._logits is not None, "the model has not run this work"
+            self._mask = resize_argmax(self._logits, self.height, self.width)
         return self._mask.cpu().numpy()
 
     def logits(self) -> torch.Tensor:
-        """(K, H, W) float32 logits upsampled to the image's size, on the host (with ``keep_logits``)."""
+        """(K, H, W) float32 logits upsampled to the image's size, on the host (with ``keep_logits`` on a GPU)."""
         assert self._logits is not None, "made without keep_logits, or not run"
         return resize_logits(self._logits, self.height, self.width).cpu()
 
@@ -122,6 +130,8 @@ class TiledWork:
         self.shape = (policy.channels, policy.size, policy.size)
         self.size = len(self.grid)
         self.blender = Blender(self.grid, classes, device)
+        if self.blender.acc.is_cuda:  # zeroed on this thread's stream; the worker adds on its own
+            torch.cuda.current_stream(self.blender.acc.device).synchronize()
         self._lock = threading.Lock()  # tiles overlap: workers on several streams add into the same pixels
 
     @property

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import os
@@ -30,7 +29,7 @@ from app.config import Settings
 from app.engine import Engine
 from app.errors import ServiceError
 from app.logs import configure_logging
-from app.main import local_engine
+from app.main import io_pool, local_engine
 from app.procs.protocol import SharedArray, encode, receive
 
 log = logging.getLogger("unetseg.engine")
@@ -42,7 +41,7 @@ class EngineServer:
         self.settings = settings
         self.ready = threading.Event()
         self.error: str | None = None
-        self.pool = concurrent.futures.ThreadPoolExecutor(settings.io_threads or os.cpu_count() or 1, "engine-io")
+        self.pool = io_pool(settings, "engine-io")
 
     def start_models(self) -> None:
         """(a thread) Warm the models up; the front ends turn ready when this is done."""
@@ -140,7 +139,7 @@ class EngineServer:
             reply = {"timing": [timing.queue_s, timing.model_s, timing.post_s]}
         except ServiceError as exc:
             reply = {"error": {"status": exc.status_code, "detail": exc.detail, "headers": exc.headers}}
-        except (OSError, ValueError, KeyError, TypeError) as exc:  # a malformed message or a vanished array
+        except Exception as exc:  # a malformed message, a vanished array, a bug: that request's 500, logged
             log.exception("request %d from a front end failed", rid)
             reply = {"error": {"status": 500, "detail": f"inference failed: {type(exc).__name__}: {exc}"}}
         finally:
