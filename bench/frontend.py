@@ -2,12 +2,14 @@
 costs nearly nothing (width 4, depth 2, a 64-pixel input), so that decoding, the hand-offs, HTTP and encoding
 are all that is left.
 
-    python -m bench.frontend [--workers 1 2] [--clients 1 8] [--seconds 10] [--image-side 512]
+    python -m bench.frontend [--workers 1 2] [--clients 1 8] [--seconds 10] [--image-side 512] [--code DIR]
 
 For each worker count the real ``unetseg serve`` runs on a 512 x 512 JPEG (format png: a palette mask of the
 image's size comes back); the CPU time of the server's whole process tree (``/proc``: the supervisor, the
 engine process and the front ends, user + system) over the measured seconds is divided by the requests it
-answered. The load generator runs in this process (its CPU is not counted). Results: a table and JSON.
+answered. The load generator runs in this process (its CPU is not counted). ``--code DIR`` runs the server
+from another checkout (e.g. a ``git worktree`` of an earlier commit, for a before/after comparison; one process
+there: ``--workers 1``). Results: a table and JSON.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--image-side", type=int, default=512)
+    ap.add_argument("--code", type=Path, default=ROOT, help="the checkout whose server is measured")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "frontend.json")
     a = ap.parse_args(argv)
     image = jpeg(a.image_side)
@@ -123,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
         },
         "image": f"{a.image_side}x{a.image_side} JPEG, format=png",
+        "code": str(a.code),
         "rows": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
                 "UNETSEG_LOG_LEVEL": "warning",
                 "UNETSEG_QUEUE_SIZE": "256",
             }
-            cmd = [sys.executable, "-m", "app", "serve", "--port", str(port), "--workers", str(workers)]
+            cmd = [sys.executable, "-m", "app", "serve", "--port", str(port)]
+            cmd += ["--workers", str(workers)] if workers != 1 else []
             request = multipart_request("127.0.0.1", port, "/v1/predict", "file", "x.jpg", image, "image/jpeg")
-            with server(cmd, port, "/readyz", env) as proc:
+            env["PYTHONPATH"] = str(a.code)
+            with server(cmd, port, "/readyz", env, cwd=a.code) as proc:
                 for clients in a.clients:
                     row = {"workers": workers, **measure(port, proc.pid, request, clients, a.seconds)}
                     report["rows"].append(row)

@@ -78,12 +78,12 @@ def free_port() -> int:
 
 @contextmanager
 def server(
-    cmd: list[str], port: int, health: str, env: dict[str, str] | None = None
+    cmd: list[str], port: int, health: str, env: dict[str, str] | None = None, cwd: Path = ROOT
 ) -> Iterator[subprocess.Popen[bytes]]:
     log = tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False)  # noqa: SIM115
     # A session of its own, so that stopping it also stops the worker processes some servers fork.
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
         deadline = time.monotonic() + 180

@@ -55,7 +55,12 @@ class UNetConfig:
         return int(2**self.depth)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The card's architecture. The plain encoder is left out, so that a plain model's card reads the same
+        to servers older than the encoder field."""
+        d = asdict(self)
+        if d["encoder"] == "plain":
+            del d["encoder"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UNetConfig:

@@ -48,6 +48,12 @@ def served_by(r: httpx.Response) -> int:
     return int(r.headers["x-served-by"].rsplit(":", 1)[1])
 
 
+def cells_batches(base: str) -> float:
+    """Forward passes of the tiled model so far (the engine process's count, in /metrics)."""
+    found = re.search(r'unetseg_batch_size_count\{model="cells"\} (\S+)', httpx.get(f"{base}/metrics").text)
+    return float(found.group(1)) if found else 0.0
+
+
 def shm_files() -> set[str]:
     return {p.name for p in SHM_DIR.glob(f"{SHM_PREFIX}*")}
 
@@ -134,12 +140,17 @@ def test_a_dead_front_end_is_replaced_and_sigterm_lets_requests_finish(tmp_path:
             assert time.monotonic() < deadline, "the dead front end was not replaced"
             time.sleep(0.2)
         # A tiled request that takes a while is in flight when SIGTERM comes: it finishes, then all stop.
-        slow = image_bytes(640, 480, seed=5)
+        slow = image_bytes(1600, 1200, seed=5)  # 3234 tiles of 32, one per forward pass
+        before = cells_batches(base)
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(
                 httpx.post, f"{base}/v1/predict?model=cells", files={"file": ("a.png", slow, PNG)}, timeout=120
             )
-            time.sleep(0.5)
+            deadline = time.monotonic() + 60
+            while cells_batches(base) <= before:  # its tiles are running in the engine process
+                assert time.monotonic() < deadline and not pending.done(), "the request never reached the model"
+                time.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
-            assert pending.result().status_code == 200
+            r = pending.result()
+            assert r.status_code == 200 and r.headers["content-type"] == PNG
         assert proc.wait(90) == 0
