@@ -51,8 +51,8 @@ class Settings(BaseSettings):
     max_batch: int = Field(
         0,
         ge=0,
-        description="Most inputs (images or tiles) per forward pass; 0: measured per model at warm-up (the largest "
-        "batch that still adds throughput, up to 64 on a GPU and 16 on a CPU).",
+        description="Most inputs (images or tiles) per forward pass; 0: measured per model at warm-up (the smallest "
+        "batch that reaches 95% of the best throughput, trying up to 64 on a GPU and 16 on a CPU).",
     )
     max_wait_ms: float = Field(5.0, ge=0, description="Longest a request waits for others to fill a batch.")
     cuda_graphs: bool = Field(
