@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The dry run checks that every step works: each gets the whole budget (a CPU is slow at this).
     def share(part: float) -> float:
-        return budget if a.dry_run else budget * part
+        return float(budget if a.dry_run else budget * part)
 
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
     report["tests"] = step("tests", pytest, share(0.2), a.out)
