@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import threading
 import time
@@ -20,6 +21,8 @@ from app.errors import ServiceError
 from app.imaging import Decoded, decode, encode_mask_png
 from app.segment.sources import Source
 from model.bundle import Card, load_bundle
+
+log = logging.getLogger("unetseg.segment")
 
 
 async def segment_image(
@@ -171,9 +174,12 @@ class Segmenter:
                 self.pool,
                 instances=self.card.instances is not None,
             )
+            png, counts, n = await loop.run_in_executor(self.pool, self._encode, seg)
         except (ServiceError, OSError) as exc:
             return Outcome(rel, b"", error=str(exc) or type(exc).__name__, finished=time.time())
-        png, counts, n = await loop.run_in_executor(self.pool, self._encode, seg)
+        except Exception as exc:  # anything else on one image (a bug, MemoryError) is its error, not the job's end
+            log.exception("unexpected error on %r", rel)
+            return Outcome(rel, b"", error=f"{type(exc).__name__}: {exc}", finished=time.time())
         return Outcome(rel, png, decoded.width, decoded.height, counts, instances=n, finished=time.time())
 
     def run(self, paths: Iterable[str]) -> Iterator[Outcome]:
