@@ -68,6 +68,16 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
     io_threads: int = Field(0, ge=0, description="Threads decoding and encoding images (0 = number of CPU cores).")
+    store_threads: int = Field(
+        4,
+        ge=1,
+        description="Threads (and PostgreSQL connections) for upload store calls, apart from the I/O threads.",
+    )
+    store_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Longest a store call waits for a store thread, a connection or the database before 503.",
+    )
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level for PNG responses, 0-9.")
     api_key: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

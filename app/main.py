@@ -30,6 +30,7 @@ from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, RouteT
 from app.routes import docs, health, models, predict, uploads, web
 from app.state import AppState
 from app.store import open_store
+from app.store.gate import StoreGate
 
 log = logging.getLogger("unetseg")
 
@@ -84,6 +85,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     for m in state.engine.models.values():
         m.on_batch = metrics.observe_batch
     state.store = open_store(s)
+    state.store_gate = StoreGate(s.store_threads, s.store_timeout_s, state.store.meta.ping)
     state.executor = concurrent.futures.ThreadPoolExecutor(s.io_threads or os.cpu_count() or 1, "unetseg-io")
     loader = threading.Thread(target=_start_engine, args=(state,), name="unetseg-warmup", daemon=True)
     loader.start()
@@ -94,6 +96,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader.join()
         state.engine.stop()  # finishes what is queued
         state.executor.shutdown(wait=True)
+        state.store_gate.close()
         state.store.close()
 
 

@@ -2,7 +2,7 @@
 
 Counted as things happen: requests and their latency (by route template, method, model and status) and
 the engine's batch sizes. Read when ``/metrics`` is scraped: queue depth, rejected requests, model load
-time, stored uploads and, on CUDA, the GPU memory in use.
+time, whether the upload store answers, stored uploads and, on CUDA, the GPU memory in use.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
+from app.errors import StoreUnavailable
 from app.middleware import RequestRecord
 
 if TYPE_CHECKING:
@@ -57,11 +58,22 @@ class _ScrapeCollector(Collector):
             for name, m in engine.models.items():
                 load.add_metric([name], m.load_s)
         yield load
-        store = self.state.store
-        if store is not None:
-            stats = store.stats()
-            yield GaugeMetricFamily("unetseg_uploads_stored", "Uploads in the store.", value=stats.count)
-            yield GaugeMetricFamily("unetseg_uploads_bytes", "Bytes of the uploads in the store.", value=stats.bytes)
+        store, gate = self.state.store, self.state.store_gate
+        if store is not None and gate is not None:
+            yield GaugeMetricFamily(
+                "unetseg_store_up",
+                "1 when the upload store (database and blobs) answered last time it was asked, else 0.",
+                value=int(gate.health.reachable),
+            )
+            try:  # a store that does not answer costs the scrape a second, then nothing until it is back
+                stats = gate.run_now(store.stats)
+            except StoreUnavailable:
+                stats = None
+            if stats is not None:
+                yield GaugeMetricFamily("unetseg_uploads_stored", "Uploads in the store.", value=stats.count)
+                yield GaugeMetricFamily(
+                    "unetseg_uploads_bytes", "Bytes of the uploads in the store.", value=stats.bytes
+                )
         if engine is not None and engine.device.type == "cuda":
             device = str(engine.device)
             used = GaugeMetricFamily(
