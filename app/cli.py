@@ -29,11 +29,12 @@ def serve(argv: Sequence[str]) -> int:
             if sig == signal.SIGTERM and captured:
                 captured.remove(sig)
 
-    from app.config import Settings
+    from app.config import load_settings
     from app.logs import configure_logging
     from app.main import create_app
+    from app.server import bind, protocol_with_header_timeout
 
-    defaults = Settings()
+    defaults = load_settings()
     p = argparse.ArgumentParser(prog="unetseg serve", description="Run the HTTP service (settings: UNETSEG_*).")
     p.add_argument("--host", default=defaults.host)
     p.add_argument("--port", type=int, default=defaults.port)
@@ -70,29 +71,38 @@ def serve(argv: Sequence[str]) -> int:
             print(f"unetseg serve --ray needs the ray extra (pip install -e '.[ray]'): {exc}", file=sys.stderr)
             return 2
         return run(settings, args.replicas, args.ray_address, args.gpus_per_replica, grace_s=args.grace)
+    try:  # before anything loads: a port in use is said at once, not after the models are warm
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        print(
+            f"unetseg serve: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr
+        )
+        return 3
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        http=protocol_with_header_timeout(settings.header_timeout_s),
         log_level=settings.log_level,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=args.grace,
     )
-    Server(config).run()
+    with sock:
+        Server(config).run(sockets=[sock])
     return 0
 
 
 def predict(argv: Sequence[str]) -> int:
     import asyncio
 
-    from app.config import Settings
+    from app.config import holds_bundles, load_settings
     from app.engine import Engine, resolve_device
     from app.errors import ServiceError
     from app.imaging import encode_mask_png, encode_overlay_png
     from app.segment import segment_image
 
-    defaults = Settings()
+    defaults = load_settings()
     p = argparse.ArgumentParser(
         prog="unetseg predict",
         description="Segment image files in this process, or with --url on a running service.",
@@ -104,7 +114,12 @@ def predict(argv: Sequence[str]) -> int:
     )
     p.add_argument("--out", type=Path, default=Path("masks"), help="output folder (created)")
     p.add_argument("--format", choices=["png", "overlay"], default="png")
-    p.add_argument("--weights-dir", type=Path, default=defaults.weights_dir)
+    p.add_argument(
+        "--weights-dir",
+        type=Path,
+        default=defaults.weights_dir,
+        help="folder of model bundles (default: UNETSEG_WEIGHTS_DIR, else ./weights, else the shipped bundles)",
+    )
     p.add_argument("--device", default=defaults.device)
     remote = p.add_argument_group("on a running service")
     remote.add_argument("--url", help="send the images to the service at this URL (e.g. http://host:8000)")
@@ -135,6 +150,9 @@ def predict(argv: Sequence[str]) -> int:
         weights_dir, args.model = Path(args.model), None
     elif args.model and ("/" in args.model or Path(args.model).is_dir()):
         p.error(f"--model {args.model}: not a model bundle (a folder with card.json and model.safetensors)")
+    if not holds_bundles(weights_dir):
+        print(f"unetseg predict: {weights_dir} holds no model bundle: {WEIGHTS_HINT}", file=sys.stderr)
+        return 2
     try:
         engine = Engine.from_folder(
             weights_dir,
@@ -148,7 +166,8 @@ def predict(argv: Sequence[str]) -> int:
         print(f"unetseg predict: {exc}", file=sys.stderr)
         return 2
     if args.model and args.model not in engine.models:
-        print(f"unetseg predict: unknown model {args.model!r}; available: {', '.join(sorted(engine.models))}")
+        available = ", ".join(sorted(engine.models))
+        print(f"unetseg predict: no model {args.model!r} in {weights_dir} (it has {available}): {WEIGHTS_HINT}")
         engine.stop()
         return 2
     engine.start(warmup=False)
@@ -181,6 +200,8 @@ def predict(argv: Sequence[str]) -> int:
     return 1 if failures else 0
 
 
+WEIGHTS_HINT = "give the folder of bundles with --weights-dir (or UNETSEG_WEIGHTS_DIR), or a bundle folder as --model"
+
 COMMANDS = {
     "serve": "run the HTTP service",
     "predict": "segment image files",
@@ -198,14 +219,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name:<10}{text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     cmd, rest = argv[0], argv[1:]
-    if cmd == "serve":
-        return serve(rest)
-    if cmd == "predict":
-        return predict(rest)
-    if cmd == "segment":
-        from app.segment import main as segment_main
+    if cmd in ("serve", "predict", "segment"):
+        from app.config import SettingsError
 
-        return segment_main(rest)
+        try:
+            if cmd == "serve":
+                return serve(rest)
+            if cmd == "predict":
+                return predict(rest)
+            from app.segment import main as segment_main
+
+            return segment_main(rest)
+        except SettingsError as exc:  # names the UNETSEG_ variable, without a traceback
+            print(f"unetseg {cmd}: {exc}", file=sys.stderr)
+            return 2
     if cmd == "train":
         from model.train import main as train_main
 

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from app.config import Settings
 from app.deps import require_api_key
 from app.engine import Engine, resolve_device
-from app.errors import ServiceError
+from app.errors import InvalidRequest, ServiceError
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, RouteTemplates
 from app.routes import docs, health, models, predict, uploads, web
@@ -112,6 +112,16 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
 
+def single_valued_query(request: Request) -> None:
+    """Refuse (422) a query parameter given more than once, which would otherwise silently be its last value
+    (``?model=a&model=b`` segmenting with b)."""
+    seen: set[str] = set()
+    for key, _ in request.query_params.multi_items():
+        if key in seen:
+            raise InvalidRequest(f"the query parameter {key!r} is given more than once")
+        seen.add(key)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     app = FastAPI(
@@ -122,6 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # docs.install serves the docs pages with their assets from this service
         redoc_url=None,
         generate_unique_id_function=lambda route: route.name,  # operation ids (client functions) are route names
+        dependencies=[Depends(single_valued_query)],
     )
     state = AppState(settings=settings)
     app.state.unetseg = state
@@ -145,7 +156,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ],
         )
     # Outermost: every response, the body limit's and CORS's included, gets a request id, a log line and metrics.
-    app.add_middleware(RequestContextMiddleware, observe=metrics.observe_request, routes=RouteTemplates.of(app))
+    app.add_middleware(
+        RequestContextMiddleware,
+        observe=metrics.observe_request,
+        routes=RouteTemplates.of(app),
+        body_timeout_s=settings.body_timeout_s,
+    )
     app.include_router(health.router)
     web.install(app)
     docs.install(app)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from app.config import Settings
+from app.config import Settings, load_settings
 from app.segment.output import (
     SUMMARY,
     Progress,
@@ -81,7 +81,10 @@ def find_bundle(model: str, weights_dir: Path) -> Path:
     for folder in discover(weights_dir):
         if read_card(folder).name == model:
             return folder
-    raise ValueError(f"no bundle named {model!r} in {weights_dir} (give a name there or a bundle folder)")
+    raise ValueError(
+        f"no bundle named {model!r} in {weights_dir}: give the folder of bundles with --weights-dir "
+        "(or UNETSEG_WEIGHTS_DIR), or a bundle folder as --model"
+    )
 
 
 _AN_INPUT = object()  # a mask path that is one of the images themselves
@@ -205,7 +208,7 @@ def run(
 
 
 def main(argv: Sequence[str]) -> int:
-    defaults = Settings()
+    defaults = load_settings()
     p = argparse.ArgumentParser(
         prog="unetseg segment",
         description="Segment every image under a folder or s3:// prefix into DST (masks + summary.csv); resumable.",
@@ -213,7 +216,12 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("src", help="folder of images (searched recursively) or s3://bucket/prefix")
     p.add_argument("dst", type=Path, help="output folder: one .png mask per image, same relative path")
     p.add_argument("--model", default=defaults.default_model, help="model name in --weights-dir, or a bundle folder")
-    p.add_argument("--weights-dir", type=Path, default=defaults.weights_dir)
+    p.add_argument(
+        "--weights-dir",
+        type=Path,
+        default=defaults.weights_dir,
+        help="folder of model bundles (default: UNETSEG_WEIGHTS_DIR, else ./weights, else the shipped bundles)",
+    )
     p.add_argument("--device", help="overrides UNETSEG_DEVICE (in every Ray actor too)")
     p.add_argument(
         "--ray", action="store_true", help="run on Ray Data (a local instance, or the cluster at --ray-address)"
