@@ -87,6 +87,14 @@ def find_bundle(model: str, weights_dir: Path) -> Path:
     )
 
 
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.walk's surrogates for bytes that are not UTF-8
+        return False
+    return True
+
+
 _AN_INPUT = object()  # a mask path that is one of the images themselves
 
 
@@ -167,6 +175,10 @@ def run(
         else:
             todo.append(owner)  # no mask yet, or one made from an image that is gone: made (again)
     todo.sort()
+    if use_ray:  # Ray Data's tables hold text as UTF-8: a name that is not cannot go through them
+        for rel in [r for r in todo if not _utf8(r)]:
+            todo.remove(rel)
+            rows[rel] = Outcome(rel, b"", error="its name is not UTF-8, which --ray cannot pass on; run without --ray")
     report.errors = sorted((o for o in rows.values() if o.error), key=lambda o: o.path)
     bar = Progress(len(todo), progress) if progress is not None and todo else None
     options = Options.from_settings(bundle, settings)

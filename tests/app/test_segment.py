@@ -414,3 +414,10 @@ def test_an_existing_mask_is_never_given_to_another_image_with_its_stem(tmp_path
     report = run(str(src), dst, bundle, Settings())
     assert (report.written, report.errors) == (1, [])
     assert {r["path"]: r["width"] for r in read_summary(dst)} == {"a.bmp": "20"}
+
+
+def test_with_ray_a_name_that_is_not_utf8_is_reported_not_the_jobs_end(tmp_path: Path, weights_dir: Path) -> None:
+    """Ray Data holds text as UTF-8: such an image is its own error (here the only image, so Ray never starts)."""
+    src = make_src(tmp_path / "src", {os.fsdecode(b"\xe9.png"): GOOD["a.png"]})
+    report = run(str(src), tmp_path / "out", find_bundle("tiny", weights_dir), Settings(), use_ray=True)
+    assert [o.error for o in report.errors] == ["its name is not UTF-8, which --ray cannot pass on; run without --ray"]
