@@ -167,7 +167,9 @@ def predict(argv: Sequence[str]) -> int:
         return 2
     if args.model and args.model not in engine.models:
         available = ", ".join(sorted(engine.models))
-        print(f"unetseg predict: no model {args.model!r} in {weights_dir} (it has {available}): {WEIGHTS_HINT}")
+        print(
+            f"unetseg predict: unknown model {args.model!r}; available: {available} in {weights_dir} ({WEIGHTS_HINT})"
+        )
         engine.stop()
         return 2
     engine.start(warmup=False)

@@ -16,15 +16,17 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import Depends, FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
 from app.config import Settings
 from app.deps import require_api_key
 from app.engine import Engine, resolve_device
-from app.errors import InvalidRequest, ServiceError
+from app.errors import ServiceError
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, RouteTemplates
 from app.routes import docs, health, models, predict, uploads, web
@@ -112,14 +114,28 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
 
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {field.alias for field in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
 def single_valued_query(request: Request) -> None:
-    """Refuse (422) a query parameter given more than once, which would otherwise silently be its last value
-    (``?model=a&model=b`` segmenting with b)."""
-    seen: set[str] = set()
-    for key, _ in request.query_params.multi_items():
-        if key in seen:
-            raise InvalidRequest(f"the query parameter {key!r} is given more than once")
-        seen.add(key)
+    """Refuse (422) a query parameter of the route given more than once, which would otherwise silently be
+    its last value (``?model=a&model=b`` segmenting with b). The error is FastAPI's own list of field errors."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    declared = _query_names(route.dependant)
+    repeated = sorted({key for key, _ in request.query_params.multi_items() if key in declared})
+    errors = [
+        {"type": "repeated", "loc": ("query", key), "msg": "Given more than once: send it once"}
+        for key in repeated
+        if len(request.query_params.getlist(key)) > 1
+    ]
+    if errors:
+        raise RequestValidationError(errors)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

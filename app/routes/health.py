@@ -18,6 +18,7 @@ router = APIRouter(tags=["health"])
     "/healthz",
     summary="Liveness",
     response_model=Status,
+    response_model_exclude={"store"},  # /readyz's
     description="200 while the process lives, whether or not the models are loaded.",
 )
 def healthz() -> Status:
