@@ -18,11 +18,12 @@ def serve(argv: Sequence[str]) -> int:
     # spinning thread holds a core that decoding, encoding and the other processes need: on 2 busy cores it
     # took a near-free model's requests from about 8 to over 100 CPU-ms each (bench.frontend).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from app.config import Settings
+    from app.config import load_settings
     from app.logs import configure_logging
     from app.main import create_app
+    from app.serving import bind
 
-    defaults = Settings()
+    defaults = load_settings()
     p = argparse.ArgumentParser(prog="unetseg serve", description="Run the HTTP service (settings: UNETSEG_*).")
     p.add_argument("--host", default=defaults.host)
     p.add_argument("--port", type=int, default=defaults.port)
@@ -73,23 +74,31 @@ def serve(argv: Sequence[str]) -> int:
         from app.procs.supervisor import default_workers
 
         workers = default_workers()
-    if workers > 1:
-        from app.procs.supervisor import run as run_workers
+    try:  # before anything loads: a port in use is said at once, not after the models are warm
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        print(
+            f"unetseg serve: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr
+        )
+        return 3
+    with sock:
+        if workers > 1:
+            from app.procs.supervisor import run as run_workers
 
-        return run_workers(settings, workers, args.grace)
-    from app import serving
+            return run_workers(settings, workers, args.grace, sock)
+        from app import serving
 
-    serving.run(create_app(settings), settings, args.grace)
+        serving.run(create_app(settings), settings, args.grace, sock)
     return 0
 
 
 def predict(argv: Sequence[str]) -> int:
-    from app.config import Settings
+    from app.config import holds_bundles, load_settings
     from app.engine import Engine, resolve_device
     from app.errors import ServiceError
     from app.pipeline import Ask, predict_sync
 
-    defaults = Settings()
+    defaults = load_settings()
     p = argparse.ArgumentParser(
         prog="unetseg predict",
         description="Segment image files in this process, or with --url on a running service.",
@@ -101,7 +110,12 @@ def predict(argv: Sequence[str]) -> int:
     )
     p.add_argument("--out", type=Path, default=Path("masks"), help="output folder (created)")
     p.add_argument("--format", choices=["png", "overlay"], default="png")
-    p.add_argument("--weights-dir", type=Path, default=defaults.weights_dir)
+    p.add_argument(
+        "--weights-dir",
+        type=Path,
+        default=defaults.weights_dir,
+        help="folder of model bundles (default: UNETSEG_WEIGHTS_DIR, else ./weights, else the shipped bundles)",
+    )
     p.add_argument("--device", default=defaults.device)
     remote = p.add_argument_group("on a running service")
     remote.add_argument("--url", help="send the images to the service at this URL (e.g. http://host:8000)")
@@ -132,6 +146,9 @@ def predict(argv: Sequence[str]) -> int:
         weights_dir, args.model = Path(args.model), None
     elif args.model and ("/" in args.model or Path(args.model).is_dir()):
         p.error(f"--model {args.model}: not a model bundle (a folder with card.json and model.safetensors)")
+    if not holds_bundles(weights_dir):
+        print(f"unetseg predict: {weights_dir} holds no model bundle: {WEIGHTS_HINT}", file=sys.stderr)
+        return 2
     try:
         engine = Engine.from_folder(
             weights_dir,
@@ -145,7 +162,10 @@ def predict(argv: Sequence[str]) -> int:
         print(f"unetseg predict: {exc}", file=sys.stderr)
         return 2
     if args.model and args.model not in engine.models:
-        print(f"unetseg predict: unknown model {args.model!r}; available: {', '.join(sorted(engine.models))}")
+        available = ", ".join(sorted(engine.models))
+        print(
+            f"unetseg predict: unknown model {args.model!r}; available: {available} in {weights_dir} ({WEIGHTS_HINT})"
+        )
         engine.stop()
         return 2
     engine.start(warmup=False)
@@ -172,6 +192,8 @@ def predict(argv: Sequence[str]) -> int:
     return 1 if failures else 0
 
 
+WEIGHTS_HINT = "give the folder of bundles with --weights-dir (or UNETSEG_WEIGHTS_DIR), or a bundle folder as --model"
+
 COMMANDS = {
     "serve": "run the HTTP service",
     "predict": "segment image files",
@@ -189,14 +211,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name:<10}{text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     cmd, rest = argv[0], argv[1:]
-    if cmd == "serve":
-        return serve(rest)
-    if cmd == "predict":
-        return predict(rest)
-    if cmd == "segment":
-        from app.segment import main as segment_main
+    if cmd in ("serve", "predict", "segment"):
+        from app.config import SettingsError
 
-        return segment_main(rest)
+        try:
+            if cmd == "serve":
+                return serve(rest)
+            if cmd == "predict":
+                return predict(rest)
+            from app.segment import main as segment_main
+
+            return segment_main(rest)
+        except SettingsError as exc:  # names the UNETSEG_ variable, without a traceback
+            print(f"unetseg {cmd}: {exc}", file=sys.stderr)
+            return 2
     if cmd == "train":
         from model.train import main as train_main
 

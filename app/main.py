@@ -20,10 +20,12 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
 from app.config import Settings
 from app.deps import require_api_key
@@ -33,6 +35,7 @@ from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, RouteT
 from app.routes import docs, health, models, predict, uploads, web
 from app.state import AppState
 from app.store import open_store
+from app.store.gate import StoreGate
 
 if TYPE_CHECKING:
     from app.engine import Engine
@@ -114,6 +117,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = local_engine(s)
     state.engine = engine
     state.store = open_store(s)
+    state.store_gate = StoreGate(s.store_threads, s.store_timeout_s, state.store.meta.ping)
     state.executor = io_pool(s, "unetseg-io")
     loader = threading.Thread(target=_start_engine, args=(state,), name="unetseg-warmup", daemon=True)
     loader.start()
@@ -124,6 +128,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader.join()
         engine.stop()  # finishes what is queued
         state.executor.shutdown(wait=True)
+        state.store_gate.close()
         state.store.close()
 
 
@@ -137,6 +142,7 @@ async def _remote(state: AppState) -> AsyncIterator[None]:
     engine = RemoteEngine(s.engine_socket, s.default_model)
     state.engine = engine
     state.store = open_store(s)
+    state.store_gate = StoreGate(s.store_threads, s.store_timeout_s, state.store.meta.ping)
     state.executor = concurrent.futures.ThreadPoolExecutor(s.io_threads or os.cpu_count() or 1, "unetseg-io")
     await engine.start(on_ready=state.ready.set)
     try:
@@ -145,6 +151,7 @@ async def _remote(state: AppState) -> AsyncIterator[None]:
         state.ready.clear()
         await engine.stop()
         state.executor.shutdown(wait=True)
+        state.store_gate.close()
         state.store.close()
 
 
@@ -160,6 +167,30 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
 
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {field.alias for field in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def single_valued_query(request: Request) -> None:
+    """Refuse (422) a query parameter of the route given more than once, which would otherwise silently be
+    its last value (``?model=a&model=b`` segmenting with b). The error is FastAPI's own list of field errors."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    declared = _query_names(route.dependant)
+    repeated = sorted({key for key, _ in request.query_params.multi_items() if key in declared})
+    errors = [
+        {"type": "repeated", "loc": ("query", key), "msg": "Given more than once: send it once"}
+        for key in repeated
+        if len(request.query_params.getlist(key)) > 1
+    ]
+    if errors:
+        raise RequestValidationError(errors)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     app = FastAPI(
@@ -170,6 +201,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # docs.install serves the docs pages with their assets from this service
         redoc_url=None,
         generate_unique_id_function=lambda route: route.name,  # operation ids (client functions) are route names
+        dependencies=[Depends(single_valued_query)],
     )
     state = AppState(settings=settings)
     app.state.unetseg = state
@@ -193,7 +225,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ],
         )
     # Outermost: every response, the body limit's and CORS's included, gets a request id, a log line and metrics.
-    app.add_middleware(RequestContextMiddleware, observe=metrics.observe_request, routes=RouteTemplates.of(app))
+    app.add_middleware(
+        RequestContextMiddleware,
+        observe=metrics.observe_request,
+        routes=RouteTemplates.of(app),
+        body_timeout_s=settings.body_timeout_s,
+    )
     app.include_router(health.router)
     web.install(app)
     docs.install(app)

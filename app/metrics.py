@@ -2,7 +2,7 @@
 
 Counted as things happen: requests and their latency (by route template, method, model and status). Read
 when ``/metrics`` is scraped: the engine's batch sizes, queue depth, rejected requests, model load time,
-stored uploads and, on CUDA, the GPU memory in use.
+whether the upload store answers, stored uploads and, on CUDA, the GPU memory in use.
 
 With several HTTP front ends (``unetseg serve --workers N``) each process counts its own requests in
 Prometheus's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor) and any of them
@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
+from app.errors import StoreUnavailable
 from app.middleware import RequestRecord
 
 if TYPE_CHECKING:
@@ -69,11 +70,22 @@ class _ScrapeCollector(Collector):
             rejected.add_metric([name], m.rejected)
             load.add_metric([name], m.load_s)
         yield from (batches, depth, rejected, load)
-        store = self.state.store
-        if store is not None:
-            stats = store.stats()
-            yield GaugeMetricFamily("unetseg_uploads_stored", "Uploads in the store.", value=stats.count)
-            yield GaugeMetricFamily("unetseg_uploads_bytes", "Bytes of the uploads in the store.", value=stats.bytes)
+        store, gate = self.state.store, self.state.store_gate
+        if store is not None and gate is not None:
+            yield GaugeMetricFamily(
+                "unetseg_store_up",
+                "1 when the upload store (database and blobs) answered last time it was asked, else 0.",
+                value=int(gate.health.reachable),
+            )
+            try:  # a store that does not answer costs the scrape a second, then nothing until it is back
+                stats = gate.run_now(store.stats)
+            except StoreUnavailable:
+                stats = None
+            if stats is not None:
+                yield GaugeMetricFamily("unetseg_uploads_stored", "Uploads in the store.", value=stats.count)
+                yield GaugeMetricFamily(
+                    "unetseg_uploads_bytes", "Bytes of the uploads in the store.", value=stats.bytes
+                )
         gpu = engine.gpu_memory() if engine is not None else {}
         if gpu:
             used = GaugeMetricFamily(

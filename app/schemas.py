@@ -8,9 +8,20 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 
+class StoreStatus(BaseModel):
+    status: Literal["ok", "unreachable"] = Field(examples=["ok"])
+    detail: str | None = Field(None, description="Why the store is unreachable, when it is.")
+    since: datetime = Field(description="When the store last became reachable or unreachable.")
+
+
 class Status(BaseModel):
     status: str = Field(examples=["ok"])
     detail: str | None = Field(None, description="Why the service is not ready, when it is not.")
+    store: StoreStatus | None = Field(
+        None,
+        description="/readyz: whether the upload store (its database and blobs) answers. An unreachable store "
+        "leaves the service ready: predictions on images sent work; uploads and predictions by upload id get 503.",
+    )
 
 
 class ErrorBody(BaseModel):

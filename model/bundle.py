@@ -11,13 +11,15 @@ Loading validates every field and fails with ``BundleError`` naming the file and
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from model.card import (
@@ -78,6 +80,13 @@ def load_bundle(folder: Path | str) -> Bundle:
     t0 = time.perf_counter()
     card = read_card(folder)
     wpath = folder / WEIGHTS_FILE
+    if _interrupted_save(folder):
+        raise BundleError(
+            wpath,
+            None,
+            f"older than {CARD_FILE}: a save was interrupted after writing the card; "
+            f"{WEIGHTS_FILE}.tmp holds the weights saved with it (rename it to {WEIGHTS_FILE} to finish the save)",
+        )
     if not wpath.is_file():
         raise BundleError(wpath, None, "missing: every bundle folder needs a model.safetensors")
     try:
@@ -113,19 +122,55 @@ def save_bundle(folder: Path | str, card: Card, model: torch.nn.Module, storage:
     """Write ``card.json`` and ``model.safetensors`` into ``folder`` (created if needed).
 
     Floating-point tensors are stored as ``storage``; integer buffers (BatchNorm's counter) stay as they are.
-    Both files are written next to their final name first and renamed, so a crash leaves the old bundle.
+    Both files are written and synced next to their final names, then renamed: the card first, so that a
+    crash never leaves new weights beside an old card (an old card would describe them wrongly without a
+    word: classes, normalisation, input policy). A crash between the two renames leaves the new card with
+    the old weights and the new ones in ``model.safetensors.tmp``, whose metadata names the card they were
+    saved with (``card_sha256``); ``load_bundle`` refuses that folder and says how to finish the save.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: _stored(k, v.detach().cpu(), DTYPES[storage]) for k, v in model.state_dict().items()}
+    card_bytes = (json.dumps(card.to_dict(), indent=2) + "\n").encode("utf-8")
     tmp_weights = folder / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp_weights), metadata={"format": FORMAT, "name": card.name, "version": card.version})
+    metadata = {"format": FORMAT, "name": card.name, "version": card.version, "card_sha256": _sha256(card_bytes)}
+    save_file(state, str(tmp_weights), metadata=metadata)
     tmp_weights.chmod(0o644)  # readable by the service's own user, like the card
     tmp_card = folder / (CARD_FILE + ".tmp")
-    tmp_card.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
-    tmp_weights.replace(folder / WEIGHTS_FILE)
+    tmp_card.write_bytes(card_bytes)
+    for tmp in (tmp_weights, tmp_card):  # durable before either is renamed: no rename of an empty file
+        _fsync(tmp)
     tmp_card.replace(folder / CARD_FILE)
+    tmp_weights.replace(folder / WEIGHTS_FILE)
+    _fsync(folder)
     return folder
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _interrupted_save(folder: Path) -> bool:
+    """True when ``folder`` holds a card whose weights are still in ``model.safetensors.tmp``: a save that
+    crashed between its two renames."""
+    pending = folder / (WEIGHTS_FILE + ".tmp")
+    if not pending.is_file():
+        return False
+    try:
+        with safe_open(str(pending), "pt") as f:
+            saved_with = (f.metadata() or {}).get("card_sha256")
+        card_bytes = (folder / CARD_FILE).read_bytes()
+    except (SafetensorError, OSError, ValueError):
+        return False  # a save cut short before its card was renamed: the folder is the old bundle, whole
+    return saved_with == _sha256(card_bytes)
 
 
 def _stored(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

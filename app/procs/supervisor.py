@@ -1,6 +1,6 @@
 """``unetseg serve --workers N``: one engine process and N HTTP front ends on one port.
 
-The supervisor binds the port first (a port in use fails at once, before any model loads), starts the engine
+The command binds the port first (a port in use fails at once, before any model loads); the supervisor starts the engine
 process (``server``) and the front ends (``frontend``), each given the listening socket, and then watches
 them: a front end that exits is started again; an engine process that exits is started again, unless it
 never got going (a bad bundle: the command exits 3 with its message). The front ends connect to the engine
@@ -107,13 +107,11 @@ class Supervisor:
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         self.stopping = True
 
-    def run(self) -> int:
+    def run(self, sock: socket.socket) -> int:
+        """Serve on ``sock`` (bound by ``app.serving.bind``) until SIGTERM or SIGINT; 0, or 3 when the engine
+        process cannot start."""
         s = self.settings
-        try:
-            sock = socket.create_server((s.host, s.port), backlog=2048)
-        except OSError as exc:
-            log.error("cannot listen on %s:%d: %s", s.host, s.port, exc)
-            return 3
+        sock.listen(2048)
         sock.set_inheritable(True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
@@ -169,5 +167,5 @@ class Supervisor:
         shutil.rmtree(self.rundir, ignore_errors=True)
 
 
-def run(settings: Settings, workers: int, grace_s: float) -> int:
-    return Supervisor(settings, workers, grace_s).run()
+def run(settings: Settings, workers: int, grace_s: float, sock: socket.socket) -> int:
+    return Supervisor(settings, workers, grace_s).run(sock)

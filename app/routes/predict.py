@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated, Literal
 
@@ -114,8 +113,8 @@ async def predict(
         raise InvalidRequest(f"model {m.name!r} does not produce instances; format=instances needs one that does")
     sent = await read_image_or_upload_id(request, settings.max_upload_bytes)
     data = sent.data
-    if sent.upload_id is not None:  # in the executor: a lookup and a read of up to 20 MB block
-        data = await asyncio.get_running_loop().run_in_executor(state.executor, store.read, sent.upload_id)
+    if sent.upload_id is not None:  # in the store's threads: a lookup and a read of up to 20 MB block
+        data = await state.gate().run(store.read, sent.upload_id)
     if data is None:
         raise UnknownUpload(f"no upload with id {sent.upload_id!r}")
     ask = Ask(m.name, format, alpha, settings.png_compress_level)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import threading
 import time
@@ -23,6 +24,8 @@ from app.segment.sources import Source
 from model.bundle import load_bundle
 
 __all__ = ["INSTANCES_KEY", "Options", "Outcome", "RayMapper", "Segmenter", "class_counts", "ray_outcomes"]
+
+log = logging.getLogger("unetseg.segment")
 
 
 @dataclass(frozen=True)
@@ -112,15 +115,11 @@ class Segmenter:
             answer = await pipeline.predict(self.engine, self.ask, data, self.options.max_pixels, self.pool)
         except (ServiceError, OSError) as exc:
             return Outcome(rel, b"", error=str(exc) or type(exc).__name__, finished=time.time())
-        return Outcome(
-            rel,
-            answer.body,
-            answer.width,
-            answer.height,
-            answer.counts,
-            instances=answer.instances,
-            finished=time.time(),
-        )
+        except Exception as exc:  # anything else on one image (a bug, MemoryError) is its error, not the job's end
+            log.exception("unexpected error on %r", rel)
+            return Outcome(rel, b"", error=f"{type(exc).__name__}: {exc}", finished=time.time())
+        a = answer
+        return Outcome(rel, a.body, a.width, a.height, a.counts, instances=a.instances, finished=time.time())
 
     def run(self, paths: Iterable[str]) -> Iterator[Outcome]:
         """Outcomes in the order they finish, with at most twice the thread count in flight."""
