@@ -137,8 +137,8 @@ def run_model(
         summary = train(cfg, resume=resume, log=True, progress=False, time_budget=budget)
         row.update(
             stop=summary["stop"],
-            train_s=round(summary["elapsed"] - summary["val_elapsed"], 1),
-            val_s=round(summary["val_elapsed"], 1),
+            train_s=round(summary["elapsed"] - summary["val_elapsed"], 3),
+            val_s=round(summary["val_elapsed"], 3),
         )
     card = load_bundle(bundle).card
     row.update(
