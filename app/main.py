@@ -25,9 +25,10 @@ from app.config import Settings
 from app.deps import require_api_key
 from app.engine import Engine, resolve_device
 from app.errors import ServiceError
+from app.jobs.runner import JobMetrics, job_lifespan
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, RouteTemplates
-from app.routes import docs, health, models, predict, uploads, web
+from app.routes import docs, health, jobs, models, predict, uploads, web
 from app.state import AppState
 from app.store import open_store
 
@@ -88,7 +89,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     loader = threading.Thread(target=_start_engine, args=(state,), name="unetseg-warmup", daemon=True)
     loader.start()
     try:
-        yield
+        async with job_lifespan(app):
+            yield
     finally:
         state.ready.clear()
         loader.join()
@@ -123,7 +125,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state = AppState(settings=settings)
     app.state.unetseg = state
     app.state.metrics = metrics = Metrics(state)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    app.state.job_metrics = JobMetrics(metrics.registry, app)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=settings.max_upload_bytes + MULTIPART_OVERHEAD,
+        paths={"/v1/jobs": settings.max_job_bytes + MULTIPART_OVERHEAD},
+    )
     app.add_exception_handler(ServiceError, service_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     if settings.cors_origins:
@@ -147,6 +154,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     web.install(app)
     docs.install(app)
     secured = [Depends(require_api_key)]
-    for module in (models, uploads, predict):
+    for module in (models, uploads, predict, jobs):
         app.include_router(module.router, prefix="/v1", dependencies=secured)
     return app
