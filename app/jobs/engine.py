@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+from pathlib import Path
 
 import numpy as np
 
-from app.engine import Engine
+from app.config import Settings
+from app.engine import Engine, resolve_device
 from app.errors import Overloaded
 from app.imaging import Decoded
-from app.segment import segment_image
-from model.bundle import Card
+from app.segment.pipeline import segment_image
+from model.bundle import Card, load_bundle
 from model.inference import tile_origins
 
 log = logging.getLogger("unetseg.jobs")
@@ -94,3 +96,25 @@ async def segment_image_bytes(
             backoff = min(MAX_BACKOFF_S, backoff * 2)
             continue
         return decoded, seg.mask, seg.instances, seg.timings
+
+
+def open_engine(bundle: Path, settings: Settings) -> Engine:
+    """An engine for one bundle in this process (``unetseg segment SLIDE``), started without warm-up. On the
+    CPU it runs one single-thread stream per core, as the bulk job's does: a job keeps the model busy."""
+    import os
+
+    loaded = load_bundle(bundle)
+    device = resolve_device(settings.device)
+    streams = max(settings.streams, os.cpu_count() or 1) if device.type == "cpu" else settings.streams
+    engine = Engine(
+        [loaded],
+        device,
+        precision=settings.precision,
+        max_batch=settings.max_batch,
+        max_wait_s=settings.max_wait_ms / 1000,
+        streams=streams,
+        graph=settings.graph,
+        max_inflight_bytes=settings.max_inflight_mb * 1024 * 1024,
+    )
+    engine.start(warmup=False)
+    return engine

@@ -31,7 +31,7 @@ from typing import IO, Any
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.measure import approximate_polygon, find_contours
+from skimage.measure import find_contours
 
 from app.imaging import (
     Decoded,
@@ -177,6 +177,15 @@ async def run_slide(
     with Slide(source) as slide:
         plan = plan_slide(slide, params, tiles_for)
         done = resumed = tiles_done = 0
+        await progress(
+            {
+                "stage": "segmenting",
+                "tiles_done": 0,
+                "tiles_total": plan.tiles_total,
+                "regions_done": 0,
+                "regions_total": len(plan.regions),
+            }
+        )
         for region, tiles in zip(plan.regions, plan.tiles, strict=True):
             if region_file(work, region.index).exists():
                 resumed += 1
@@ -295,13 +304,16 @@ def write_outputs(work: Path, plan: SlidePlan, card: Card) -> dict[str, Any]:
 
 
 def outline(binary: np.ndarray) -> list[list[float]]:
-    """The outer ring [[x, y], ...] (closed; pixel centres at integers) of the largest part of a 2-D mask."""
-    padded = np.pad(binary, 1)
-    contours = find_contours(padded.astype(np.uint8), 0.5)
+    """The outer ring [[x, y], ...] (closed; pixel centres at integers) of the largest part of a 2-D mask:
+    the 0.5 iso-line around its pixels, with the points inside straight runs left out."""
+    contours = find_contours(np.pad(binary, 1).astype(np.uint8), 0.5)
     if not contours:
         return []
-    ring = approximate_polygon(max(contours, key=len), tolerance=0.5)
-    points = [[round(float(c) - 1, 2), round(float(r) - 1, 2)] for r, c in ring]
+    ring = max(contours, key=len) - 1.0  # (n, 2) rows, columns; the last point repeats the first
+    step = np.diff(ring, axis=0)
+    turns = np.any(step[1:] != step[:-1], axis=1)
+    keep = np.concatenate([[True], turns, [True]])
+    points = np.round(ring[keep][:, ::-1], 2).tolist()
     if points[0] != points[-1]:
         points.append(points[0])
     return points
