@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def test_segment_a_slide_in_process(
     with tifffile.TiffFile(dst / "case 1.instances.tiff") as tif:
         ids = tif.series[0].levels[0].asarray()
         assert [lv.shape for lv in tif.series[0].levels] == [(400, 520), (200, 260), (100, 130)]
-    rows = list(csv.DictReader((dst / "case 1.csv").open()))
+    rows = list(csv.DictReader(io.StringIO((dst / "case 1.csv").read_text())))
     assert len(rows) == info["count"] == int(ids.max())
     assert [int(r["area"]) for r in rows] == np.bincount(ids.ravel())[1:].tolist()
     assert "instances" in capsys.readouterr().out
