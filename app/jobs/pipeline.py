@@ -313,7 +313,7 @@ def outline(binary: np.ndarray) -> list[list[float]]:
     step = np.diff(ring, axis=0)
     turns = np.any(step[1:] != step[:-1], axis=1)
     keep = np.concatenate([[True], turns, [True]])
-    points = np.round(ring[keep][:, ::-1], 2).tolist()
+    points: list[list[float]] = np.round(ring[keep][:, ::-1], 2).tolist()
     if points[0] != points[-1]:
         points.append(points[0])
     return points
