@@ -73,7 +73,14 @@ def segment_slide(
     async def noop(rel: str) -> None:
         return None
 
-    params = SlideParams(level=level, region_px=settings.job_region_px, halo_px=settings.job_halo_px)
+    spec = card.slide
+    params = SlideParams(
+        level=level,
+        mpp=spec.mpp if spec else None,
+        fallback_level=spec.level if spec else None,
+        region_px=settings.job_region_px,
+        halo_px=settings.job_halo_px,
+    )
     instances = card.instances is not None
     try:
         info = asyncio.run(

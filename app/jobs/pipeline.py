@@ -71,6 +71,7 @@ TilesFn = Callable[[int, int], int]
 class SlideParams:
     level: int | None = None  # pyramid level to segment; None: the card's choice (mpp), else full resolution
     mpp: float | None = None  # microns per pixel the model wants, when its card says
+    fallback_level: int | None = None  # the card's level, when the slide does not record its resolution
     region_px: int = 2048
     halo_px: int = 128
 
@@ -91,7 +92,7 @@ class SlidePlan:
 
 
 def plan_slide(slide: Slide, params: SlideParams, tiles_for: TilesFn) -> SlidePlan:
-    level = slide.pick_level(params.level, params.mpp)
+    level = slide.pick_level(params.level, params.mpp, params.fallback_level)
     regions, cols = region_grid(level.height, level.width, params.region_px, params.halo_px)
     tiles = [tiles_for(r.eh, r.ew) for r in regions]
     downsample = slide.levels[0].width / level.width

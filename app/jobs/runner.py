@@ -35,7 +35,6 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from app.config import Settings
-from app.engine import Engine
 from app.errors import ServiceError
 from app.jobs import engine as adapter
 from app.jobs.pipeline import IMAGE_RESULTS, INPUT, OUT, SLIDE_RESULTS, SlideParams, run_image, run_slide
@@ -281,7 +280,7 @@ class JobRunner:
             work / INPUT,
             work,
             card,
-            slide_params(job, self.settings, card_mpp(engine, job.model)),
+            slide_params(job, self.settings),
             lambda region: adapter.segment_region(engine, card.name, region, executor, card.instances is not None),
             lambda h, w: adapter.tiles_for(card, h, w),
             executor,
@@ -296,15 +295,11 @@ def result_files_of(job: Job) -> dict[str, tuple[str, str]]:
     return {fmt: (f"{OUT}/{name}", media) for fmt, (name, media) in table.items()}
 
 
-def card_mpp(engine: Engine, name: str) -> float | None:
-    return None  # cards name no microns per pixel yet: the level the request names, else full resolution
-
-
-def slide_params(job: Job, settings: Settings, mpp: float | None) -> SlideParams:
+def slide_params(job: Job, settings: Settings) -> SlideParams:
+    """A slide job's parameters: the level was chosen when the job was created (request, else card)."""
     p = job.params
     return SlideParams(
         level=p.get("level"),
-        mpp=mpp,
         region_px=int(p.get("region_px", settings.job_region_px)),
         halo_px=int(p.get("halo_px", settings.job_halo_px)),
     )

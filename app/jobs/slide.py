@@ -121,13 +121,16 @@ class Slide:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def pick_level(self, level: int | None = None, mpp: float | None = None) -> Level:
-        """``level`` when given (clamped to the coarsest), else the level nearest ``mpp`` (when the file
-        knows its resolution), else full resolution."""
+    def pick_level(self, level: int | None = None, mpp: float | None = None, fallback: int | None = None) -> Level:
+        """``level`` when given (clamped to the coarsest); else the level nearest ``mpp`` microns per pixel
+        when the file records its resolution; else ``fallback`` (clamped); else full resolution."""
+        last = len(self.levels) - 1
         if level is not None:
-            return self.levels[min(max(level, 0), len(self.levels) - 1)]
+            return self.levels[min(max(level, 0), last)]
         if mpp is not None and all(lv.mpp for lv in self.levels):
             return min(self.levels, key=lambda lv: abs(math.log((lv.mpp or mpp) / mpp)))
+        if fallback is not None:
+            return self.levels[min(max(fallback, 0), last)]
         return self.levels[0]
 
     def _segment_grid(self, page: tifffile.TiffPage) -> tuple[int, int, int]:

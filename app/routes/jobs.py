@@ -42,6 +42,7 @@ from app.jobs.store import ACTIVE, Job, new_job_id
 from app.routes.bodies import FORM_TYPES, PREDICT_BODY, _missing, _present, is_raw, media_type
 from app.routes.errors import ERRORS
 from app.store import UploadStore
+from model.bundle import SlideSpec
 
 router = APIRouter(tags=["jobs"], route_class=KeyCheckedRoute)
 
@@ -239,7 +240,7 @@ async def _receive(request: Request, service: JobService, uploads: UploadStore, 
 
 
 def _probe(
-    path: Path, fmt: str, level: int | None, max_pixels: int, max_job_pixels: int
+    path: Path, fmt: str, level: int | None, spec: SlideSpec | None, max_pixels: int, max_job_pixels: int
 ) -> tuple[str, str, dict[str, Any]]:
     """(kind, format, input info) of a received body; 415 for what is not an image, 413 over the limits."""
     with open(path, "rb") as f:
@@ -247,7 +248,7 @@ def _probe(
     if is_tiff(head) and fmt in ("auto", "slide"):
         with Slide(path) as slide:
             levels = slide.levels
-            chosen = slide.pick_level(level)
+            chosen = slide.pick_level(level, spec.mpp if spec else None, spec.level if spec else None)
         base = levels[0]
         if fmt == "auto":
             fmt = "slide" if len(levels) > 1 or base.width * base.height > max_pixels else "png"
@@ -315,7 +316,10 @@ async def create_job(
     model: Annotated[str | None, Query(description="Model name; the default model when omitted.")] = None,
     format: Annotated[Format, Query(description="What to make (see above).")] = "auto",
     alpha: Annotated[float, Query(ge=0, le=1, description="Mask opacity for format=overlay.")] = 0.5,
-    level: Annotated[int | None, Query(ge=0, le=64, description="Slide level to segment (0: full resolution).")] = None,
+    level: Annotated[
+        int | None,
+        Query(ge=0, le=64, description="Slide level to segment (0: full resolution); default: the model card's."),
+    ] = None,
 ) -> JSONResponse:
     service = get_jobs(request)
     s = state.settings
@@ -329,7 +333,9 @@ async def create_job(
     work = await service.call(files.workdir, job_id)
     try:
         sink = await _receive(request, service, uploads, work / INPUT, s.max_job_bytes)
-        kind, fmt, info = await service.call(_probe, work / INPUT, format, level, s.max_pixels, s.max_job_pixels)
+        kind, fmt, info = await service.call(
+            _probe, work / INPUT, format, level, card.slide, s.max_pixels, s.max_job_pixels
+        )
         await service.call(files.save, job_id, INPUT)
         params: dict[str, Any] = {"alpha": alpha} if fmt == "overlay" else {}
         if kind == "slide":

@@ -19,10 +19,10 @@ from PIL import Image
 
 from app.config import Settings
 from app.main import create_app
-from model.bundle import InstanceSpec
+from model.bundle import InstanceSpec, SlideSpec
 from tests.conftest import make_settings, wait_ready
 from tests.helpers import image_bytes, write_instance_bundle, write_tiny_bundle
-from tests.slides import cells, slide_bytes
+from tests.slides import cells, slide_bytes, write_slide
 
 TIFF = {"Content-Type": "image/tiff"}
 PNG = {"Content-Type": "image/png"}
@@ -296,3 +296,23 @@ def test_a_failed_job_says_why(client: TestClient) -> None:
     else:  # zeroed compressed tiles can decode as empty: still a complete job
         assert done["state"] == "done"
     assert json.dumps(done)
+
+
+def test_the_card_names_the_level_by_microns_per_pixel(tmp_path: Path) -> None:
+    weights = tmp_path / "weights"
+    spec = InstanceSpec("watershed", interior=1, boundary=2, min_area=4)
+    write_instance_bundle(
+        weights / "cells", spec, name="cells", classes=3, sizing="tile", size=32, slide=SlideSpec(mpp=1.0, level=2)
+    )
+    card = json.loads((weights / "cells" / "card.json").read_text())
+    assert card["slide"] == {"mpp": 1.0, "level": 2}
+    with TestClient(create_app(jobs_settings(tmp_path, weights, default_model="cells"))) as c:
+        wait_ready(c)
+        buf = io.BytesIO()
+        write_slide(buf, cells(600, 520), resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+        job = start(c, buf.getvalue())  # 0.5, 1 and 2 um per pixel: the card's 1.0 is level 1
+        assert job["input"]["level"] == 1 and job["input"]["levels"][1]["mpp"] == 1.0
+        assert start(c, slide_bytes(cells(600, 520)))["input"]["level"] == 2  # no resolution: the card's level
+        assert start(c, slide_bytes(cells(600, 520)), level=0)["input"]["level"] == 0  # the request's
+        done = wait_job(c, job["id"])
+        assert done["state"] == "done" and done["info"]["mpp"] == 1.0 and done["info"]["width"] == 260
