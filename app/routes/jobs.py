@@ -40,11 +40,31 @@ from app.jobs.runner import JobService, result_files
 from app.jobs.slide import Slide, is_tiff
 from app.jobs.store import ACTIVE, Job, new_job_id
 from app.routes.bodies import FORM_TYPES, PREDICT_BODY, _missing, _present, is_raw, media_type
-from app.routes.errors import ERRORS
+from app.routes.errors import ERRORS, RETRY_AFTER, _error
 from app.store import UploadStore
 from model.bundle import SlideSpec
 
 router = APIRouter(tags=["jobs"], route_class=KeyCheckedRoute)
+
+JOB_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    404: _error("Unknown model, upload or job, or a result the job does not have.", "no job with id 'abc'"),
+    409: _error(
+        "The job is not done: queued or running (see Retry-After), failed or cancelled.",
+        "job 5f0c8e3b2a4d4e6f9a1b7c2d3e4f5a6b is running",
+        headers=RETRY_AFTER,
+    ),
+    413: _error(
+        "The body is over UNETSEG_MAX_JOB_BYTES, an image over UNETSEG_MAX_PIXELS, or a slide's level over "
+        "UNETSEG_MAX_JOB_PIXELS.",
+        "level 0 is 120000x90000 = 10800000000 pixels; the jobs' limit is 10000000000 (UNETSEG_MAX_JOB_PIXELS)",
+    ),
+    503: _error(
+        "Models still loading, or UNETSEG_MAX_JOBS jobs queued or running already (see Retry-After).",
+        "100 jobs are queued or running, the most the service takes; retry later",
+        headers=RETRY_AFTER,
+    ),
+}
 
 JOB_ID_RE = re.compile(r"[0-9a-f]{32}")
 CHUNK = 4 * 1024 * 1024  # bytes written to the store at a time
@@ -305,7 +325,7 @@ def _probe(
     openapi_extra={"requestBody": PREDICT_BODY},
     responses={
         202: {"headers": {"Location": {"description": "The job's URL.", "schema": {"type": "string"}}}},
-        **{k: ERRORS[k] for k in (400, 401, 404, 413, 415, 422, 503)},
+        **{k: JOB_ERRORS[k] for k in (400, 401, 404, 413, 415, 422, 503)},
     },
 )
 async def create_job(
@@ -313,12 +333,19 @@ async def create_job(
     state: StateDep,
     engine: EngineDep,
     uploads: StoreDep,
-    model: Annotated[str | None, Query(description="Model name; the default model when omitted.")] = None,
-    format: Annotated[Format, Query(description="What to make (see above).")] = "auto",
-    alpha: Annotated[float, Query(ge=0, le=1, description="Mask opacity for format=overlay.")] = 0.5,
+    model: Annotated[
+        str | None, Query(description="Model name; the default model when omitted.", examples=["nuclei"])
+    ] = None,
+    format: Annotated[Format, Query(description="What to make (see above).", examples=["slide"])] = "auto",
+    alpha: Annotated[float, Query(ge=0, le=1, description="Mask opacity for format=overlay.", examples=[0.5])] = 0.5,
     level: Annotated[
         int | None,
-        Query(ge=0, le=64, description="Slide level to segment (0: full resolution); default: the model card's."),
+        Query(
+            ge=0,
+            le=64,
+            description="Slide level to segment (0: full resolution); default: the model card's.",
+            examples=[0],
+        ),
     ] = None,
 ) -> JSONResponse:
     service = get_jobs(request)
@@ -370,8 +397,8 @@ async def create_job(
 async def list_jobs(
     request: Request,
     state: StateDep,
-    limit: Annotated[int, Query(ge=1, le=1000, description="Most jobs to list.")] = 100,
-    offset: Annotated[int, Query(ge=0, le=2**62, description="Jobs to skip.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Most jobs to list.", examples=[100])] = 100,
+    offset: Annotated[int, Query(ge=0, le=2**62, description="Jobs to skip.", examples=[0])] = 0,
 ) -> JobList:
     service = get_jobs(request)
     s = state.settings
@@ -396,7 +423,7 @@ async def list_jobs(
     response_model=JobOut,
     description="State (queued, running, done, failed, cancelled), progress in tiles and regions, and once "
     "done its results, size, areas, instance count and timings; the error when it failed. Any replica answers.",
-    responses={k: ERRORS[k] for k in (401, 404)},
+    responses={k: JOB_ERRORS[k] for k in (401, 404)},
 )
 async def get_job(request: Request, job_id: JobId) -> JobOut:
     return job_out(await _find(get_jobs(request), job_id))
@@ -419,14 +446,15 @@ async def get_job(request: Request, job_id: JobId) -> JobOut:
                 "application/geo+json": {"schema": {"type": "object"}},
             },
         },
-        409: {"description": "The job is not done (queued, running, failed or cancelled)."},
-        **{k: ERRORS[k] for k in (401, 404)},
+        **{k: JOB_ERRORS[k] for k in (401, 404, 409)},
     },
 )
 async def get_result(
     request: Request,
     job_id: JobId,
-    format: Annotated[ResultFormat | None, Query(description="Which result (see the job's `results`).")] = None,
+    format: Annotated[
+        ResultFormat | None, Query(description="Which result (see the job's `results`).", examples=["csv"])
+    ] = None,
 ) -> Response:
     service = get_jobs(request)
     job = await _find(service, job_id)
@@ -457,7 +485,7 @@ async def get_result(
     response_model=JobOut,
     description="A queued or running job is cancelled (200, the job): it stops within a heartbeat and its files "
     "are removed; it stays listed as cancelled. A finished (or cancelled) job is removed with its results (204).",
-    responses={204: {"description": "Removed."}, **{k: ERRORS[k] for k in (401, 404)}},
+    responses={204: {"description": "Removed."}, **{k: JOB_ERRORS[k] for k in (401, 404)}},
 )
 async def delete_job(request: Request, job_id: JobId) -> Response:
     service = get_jobs(request)
