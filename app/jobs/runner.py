@@ -138,9 +138,13 @@ class JobRunner:
                 except Exception:  # a sweep that fails is tried again at the next one
                     log.exception("job sweep failed")
             while len(self.tasks) < self.settings.job_concurrency:
-                job, failed = await self.service.call(
-                    self.service.store.claim, self.owner, self.settings.job_lease_s, self.settings.job_attempts
-                )
+                try:
+                    job, failed = await self.service.call(
+                        self.service.store.claim, self.owner, self.settings.job_lease_s, self.settings.job_attempts
+                    )
+                except Exception:  # the database away for a moment: the next poll tries again
+                    log.exception("claiming a job failed")
+                    break
                 for f in failed:
                     log.warning("job %s failed: %s", f.id, f.error)
                     if self.metrics:

@@ -3,6 +3,7 @@ outlines out; limits, cancel and delete, two replicas sharing one store, metrics
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -20,6 +21,7 @@ from PIL import Image
 from app.config import Settings
 from app.main import create_app
 from model.bundle import InstanceSpec, SlideSpec
+from tests.backends import S3_ENV, new_bucket, postgres_database, s3_emulator
 from tests.conftest import make_settings, wait_ready
 from tests.helpers import image_bytes, write_instance_bundle, write_tiny_bundle
 from tests.slides import cells, slide_bytes, write_slide
@@ -255,24 +257,50 @@ def test_cancel_a_running_slide_job(client: TestClient, tmp_path: Path) -> None:
     assert client.get(f"/v1/jobs/{job['id']}").json()["state"] == "cancelled"
 
 
-def test_two_replicas_share_the_jobs(tmp_path: Path, jobs_weights: Path) -> None:
-    """One replica takes the job (and runs none), the other runs it; both answer about it."""
-    front = create_app(jobs_settings(tmp_path, jobs_weights, job_concurrency=0))
-    worker = create_app(jobs_settings(tmp_path, jobs_weights))
-    with TestClient(front) as a, TestClient(worker) as b:
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    with s3_emulator() as endpoint:
+        yield endpoint
+
+
+@pytest.mark.parametrize("backend", ["sqlite+files", "postgres+s3"])
+def test_two_replicas_share_the_jobs(
+    tmp_path: Path, jobs_weights: Path, backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One replica takes the job (and runs none), the other runs it; both answer about it. With PostgreSQL and
+    S3 the replicas share nothing else: each has its own data folder."""
+    with contextlib.ExitStack() as stack:
+        if backend == "postgres+s3":
+            endpoint = request.getfixturevalue("s3_endpoint")
+            for k, v in {**S3_ENV, "AWS_ENDPOINT_URL_S3": endpoint}.items():
+                monkeypatch.setenv(k, v)
+            urls = {
+                "database_url": stack.enter_context(postgres_database()),
+                "blob_url": f"s3://{new_bucket(endpoint)}/shared",
+            }
+            homes = [tmp_path / "a", tmp_path / "b"]
+        else:
+            urls, homes = {}, [tmp_path, tmp_path]
+        front = create_app(jobs_settings(homes[0], jobs_weights, job_concurrency=0, **urls))
+        worker = create_app(jobs_settings(homes[1], jobs_weights, **urls))
+        a = stack.enter_context(TestClient(front))
+        b = stack.enter_context(TestClient(worker))
         wait_ready(a)
         wait_ready(b)
         job = start(a, slide_bytes(cells(300, 280)), model="cells")
         done = wait_job(a, job["id"])
         assert done["state"] == "done" and done["attempts"] == 1
         assert b.get(f"/v1/jobs/{job['id']}").json() == done
-        assert (
-            a.get(f"/v1/jobs/{job['id']}/result?format=csv").text
-            == b.get(f"/v1/jobs/{job['id']}/result?format=csv").text
-        )
+        table = a.get(f"/v1/jobs/{job['id']}/result?format=csv").text
+        assert table == b.get(f"/v1/jobs/{job['id']}/result?format=csv").text
+        assert len(table.splitlines()) == done["info"]["count"] + 1
+        ids = levels_of(a.get(f"/v1/jobs/{job['id']}/result?format=instances").content)[0]
+        assert int(ids.max()) == done["info"]["count"]
         listing = a.get("/v1/jobs").json()
         assert listing["counts"]["done"] == 1 and listing["items"][0]["id"] == job["id"]
         assert listing["limits"]["max_job_bytes"] == 4 * 1024**3
+        assert a.delete(f"/v1/jobs/{job['id']}").status_code == 204
+        assert b.get(f"/v1/jobs/{job['id']}").status_code == 404
 
 
 def test_metrics_count_jobs(client: TestClient) -> None:
