@@ -231,9 +231,12 @@ class JobRunner:
         finally:
             beat.cancel()
         ended = await self.service.call(functools.partial(store.finish, job.id, self.owner, state, **changes))
-        if ended is None:  # cancelled while it was finishing
-            await self.service.call(files.delete, job.id)
+        if ended is None:  # cancelled (or taken over) while it was finishing
+            latest = await self.service.call(store.get, job.id)
+            if latest is None or latest.state == "cancelled":
+                await self.service.call(files.delete, job.id)
             return
+        await self.service.call(files.prune, job.id)  # the input and regions are not needed any more
         if self.metrics:
             self.metrics.finished.labels(job.kind, state).inc()
             self.metrics.duration.labels(job.kind).observe(time.perf_counter() - t0)

@@ -337,6 +337,10 @@ class JobFiles(ABC):
     def delete(self, job_id: str) -> None: ...
 
     @abstractmethod
+    def prune(self, job_id: str) -> None:
+        """Remove what a finished job no longer needs: everything but its results (``out/``)."""
+
+    @abstractmethod
     def job_ids(self) -> Iterator[tuple[str, float]]:
         """(job id, modification time) of every job folder in the store."""
 
@@ -376,6 +380,15 @@ class FileJobFiles(JobFiles):
 
     def delete(self, job_id: str) -> None:
         shutil.rmtree(self.root / job_id, ignore_errors=True)
+
+    def prune(self, job_id: str) -> None:
+        folder = self.root / job_id
+        for p in folder.iterdir() if folder.is_dir() else ():
+            if p.name != "out":
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
 
     def job_ids(self) -> Iterator[tuple[str, float]]:
         for p in self.root.iterdir():
@@ -440,6 +453,13 @@ class S3JobFiles(JobFiles):
     def delete(self, job_id: str) -> None:
         shutil.rmtree(self.cache / job_id, ignore_errors=True)
         keys = [{"Key": o["Key"]} for o in self._objects(self.key(job_id))]
+        for i in range(0, len(keys), 1000):
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i : i + 1000]})
+
+    def prune(self, job_id: str) -> None:
+        shutil.rmtree(self.cache / job_id, ignore_errors=True)
+        base = self.key(job_id)
+        keys = [{"Key": o["Key"]} for o in self._objects(base) if not o["Key"].startswith(base + "out/")]
         for i in range(0, len(keys), 1000):
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i : i + 1000]})
 

@@ -96,7 +96,7 @@ def test_an_image_job_answers_what_predict_answers(client: TestClient, fmt: str)
         )
 
 
-def test_a_slide_job_gives_pyramids_areas_a_table_and_outlines(client: TestClient) -> None:
+def test_a_slide_job_gives_pyramids_areas_a_table_and_outlines(client: TestClient, tmp_path: Path) -> None:
     image = cells(600, 520, seed=3)
     job = start(client, slide_bytes(image), model="cells")
     assert job["kind"] == "slide" and job["format"] == "slide"
@@ -108,6 +108,7 @@ def test_a_slide_job_gives_pyramids_areas_a_table_and_outlines(client: TestClien
     assert p["regions_done"] == p["regions_total"] == 9 and p["tiles_done"] == p["tiles_total"] > 0
     info = done["info"]
     assert info["regions"] == 9 and info["resumed_regions"] == 0 and info["width"] == 520
+    assert [p.name for p in (tmp_path / "data" / "jobs" / job["id"]).iterdir()] == ["out"]  # input, regions freed
 
     mask_levels = levels_of(client.get(f"/v1/jobs/{job['id']}/result").content)
     assert [m.shape for m in mask_levels] == [(600, 520), (300, 260), (150, 130)]

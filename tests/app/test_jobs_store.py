@@ -171,6 +171,11 @@ def test_job_files_are_saved_fetched_by_another_replica_streamed_and_removed(set
             assert files.local(job_id, "out/r.bin") is None
         else:
             assert files.local(job_id, "out/r.bin") == work / "out" / "r.bin"
+        (work / "input").write_bytes(b"in")
+        files.save(job_id, "input")
+        assert files.size(job_id, "input") == 2
+        files.prune(job_id)  # a finished job keeps its results only
+        assert files.size(job_id, "input") is None and files.size(job_id, "out/r.bin") == 3_000_000
         files.delete(job_id)
         assert list(files.job_ids()) == [] and files.size(job_id, "out/r.bin") is None
         # uploads and jobs share the blob store without touching each other's names
