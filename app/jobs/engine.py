@@ -17,6 +17,7 @@ import numpy as np
 
 from app.config import Settings
 from app.engine import Engine, resolve_device
+from app.engine.work import trim_memory
 from app.errors import Overloaded
 from app.imaging import Decoded
 from app.segment.pipeline import segment_image
@@ -118,3 +119,9 @@ def open_engine(bundle: Path, settings: Settings) -> Engine:
     )
     engine.start(warmup=False)
     return engine
+
+
+def release_memory() -> None:
+    """Hand the heap a region freed back to the system (glibc ``malloc_trim``, as the engine does after a large
+    request): without it the arenas of the job's threads keep growing with fragments over a long slide."""
+    trim_memory()

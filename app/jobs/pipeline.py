@@ -21,6 +21,7 @@ import asyncio
 import concurrent.futures
 import csv
 import json
+import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -121,6 +122,8 @@ def remove_partial(work: Path) -> None:
     """Temporary files a killed run left in the working folder."""
     for p in work.rglob(".*.part"):
         p.unlink(missing_ok=True)
+    for d in work.glob(".pyramid-*"):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def save_region(
@@ -275,7 +278,9 @@ def write_outputs(work: Path, plan: SlidePlan, card: Card) -> dict[str, Any]:
     merged = merge(stats, pairs) if spec is not None else None
     colors = [c.color for c in card.classes]
     with atomic(out / SLIDE_RESULTS["tiff"][0]) as f:
-        write_pyramid(f, h, w, np.dtype(np.uint8), _band(work, plan, "mask", None), colormap=palette(colors))
+        write_pyramid(
+            f, h, w, np.dtype(np.uint8), _band(work, plan, "mask", None), colormap=palette(colors), scratch=work
+        )
     info: dict[str, Any] = {
         "width": w,
         "height": h,
@@ -290,7 +295,7 @@ def write_outputs(work: Path, plan: SlidePlan, card: Card) -> dict[str, Any]:
     ]
     if merged is not None and spec is not None:
         with atomic(out / SLIDE_RESULTS["instances"][0]) as f:
-            write_pyramid(f, h, w, np.dtype(np.uint32), _band(work, plan, "ids", merged.luts))
+            write_pyramid(f, h, w, np.dtype(np.uint32), _band(work, plan, "ids", merged.luts), scratch=work)
         with atomic(out / SLIDE_RESULTS["csv"][0], "w") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(CSV_HEADER)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -257,13 +258,19 @@ def write_pyramid(
     band: Callable[[int], np.ndarray],
     colormap: np.ndarray | None = None,
     tile: int = TILE,
+    scratch: Path | None = None,
 ) -> None:
     """Write a tiled, pyramidal TIFF (deflate, the reduced levels as SubIFDs, nearest-neighbour halving:
     labels are never blended) of the (height, width) image whose rows ``band(y)`` gives ``tile`` at a time
-    (rows y .. y + tile, full width; fewer for the last). Memory: a few bands, whatever the image's size.
+    (rows y .. y + tile, full width; fewer for the last), each band asked for once.
+
+    While full resolution is written, every reduced level's rows are appended to a raw temporary file in
+    ``scratch`` (a third of the full level's raw size in all), which its own level is then written from.
+    Memory: one band and one tile row per level, whatever the image's size.
 
     ``colormap``: (3, 256) uint16, for a palette image of class ids (viewable as colors, readable as ids).
     """
+    dtype = np.dtype(dtype)
     shapes = pyramid_shapes(height, width, tile)
     extra: dict[str, Any] = (
         {"photometric": "palette", "colormap": colormap} if colormap is not None else {"photometric": "minisblack"}
@@ -275,26 +282,36 @@ def write_pyramid(
         "compressionargs": {"level": 1},
         **extra,
     }
-    if np.dtype(dtype).itemsize > 1:
+    if dtype.itemsize > 1:
         common["predictor"] = True  # ids run in constant stretches: differences compress far better
 
-    def level_rows(k: int) -> Iterator[np.ndarray]:
-        step = 2**k
-        h, w = shapes[k]
-        for ky in range(0, h, tile):
-            parts = []
-            y0, y1 = ky * step, min((ky + tile) * step, height)
-            for y in range(y0, y1, tile):
-                b = band(y)
-                first = (-(y - y0)) % step  # the band's first row on this level's grid
-                parts.append(b[first::step, ::step])
-            out = np.concatenate(parts)[:tile]
-            yield out[:, :w]
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".pyramid-") as tmp:
+        reduced = [open(Path(tmp) / f"{k}.raw", "w+b") for k in range(1, len(shapes))]  # noqa: SIM115
+        try:
 
-    with tifffile.TiffWriter(target, bigtiff=height * width * np.dtype(dtype).itemsize > 2**31) as tw:
-        tw.write(_tiles(level_rows(0), width, tile), shape=shapes[0], subifds=len(shapes) - 1, **common)
-        for k in range(1, len(shapes)):
-            tw.write(_tiles(level_rows(k), shapes[k][1], tile), shape=shapes[k], subfiletype=1, **common)
+            def full_rows() -> Iterator[np.ndarray]:
+                for y in range(0, height, tile):
+                    b = band(y)
+                    for k, f in enumerate(reduced, start=1):
+                        step = 2**k
+                        f.write(np.ascontiguousarray(b[(-y) % step :: step, ::step]).tobytes())
+                    yield b
+
+            def level_rows(k: int) -> Iterator[np.ndarray]:
+                h, w = shapes[k]
+                f = reduced[k - 1]
+                f.seek(0)
+                for y in range(0, h, tile):
+                    rows = min(tile, h - y)
+                    yield np.frombuffer(f.read(rows * w * dtype.itemsize), dtype=dtype).reshape(rows, w)
+
+            with tifffile.TiffWriter(target, bigtiff=height * width * dtype.itemsize > 2**31) as tw:
+                tw.write(_tiles(full_rows(), width, tile), shape=shapes[0], subifds=len(shapes) - 1, **common)
+                for k in range(1, len(shapes)):
+                    tw.write(_tiles(level_rows(k), shapes[k][1], tile), shape=shapes[k], subfiletype=1, **common)
+        finally:
+            for f in reduced:
+                f.close()
 
 
 def palette(colors: list[tuple[int, int, int]]) -> np.ndarray:
