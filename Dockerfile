@@ -3,7 +3,7 @@
 #   docker build -t unetseg .                                                # CUDA image; torch comes with the base
 #   docker build --build-arg BASE_IMAGE=python:3.11-slim -t unetseg:cpu .    # CPU-only image (CPU build of torch)
 #
-# Settings are UNETSEG_* environment variables (see the README); uploads are kept in the /data volume.
+# Settings are UNETSEG_* environment variables (docs/api.md lists them); uploads are kept in the /data volume.
 ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
 # The runtime dependencies as a requirements file, torch left out, with the postgres and s3 extras (so that

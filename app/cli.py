@@ -12,28 +12,18 @@ from pathlib import Path
 
 
 def serve(argv: Sequence[str]) -> int:
-    import signal
-    from types import FrameType
+    import os
 
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """SIGTERM is an orderly stop: stop accepting, finish in-flight requests, drain the queue, exit 0.
-
-        (uvicorn re-raises the signal after shutting down, which would end the process with -15.)
-        """
-
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            super().handle_exit(sig, frame)
-            captured = getattr(self, "_captured_signals", None)
-            if sig == signal.SIGTERM and captured:
-                captured.remove(sig)
-
-    from app.config import Settings
+    # Before torch starts its threads: a thread with no parallel work sleeps at once instead of spinning. A
+    # spinning thread holds a core that decoding, encoding and the other processes need: on 2 busy cores it
+    # took a near-free model's requests from about 8 to over 100 CPU-ms each (bench.frontend).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from app.config import load_settings
     from app.logs import configure_logging
     from app.main import create_app
+    from app.serving import bind
 
-    defaults = Settings()
+    defaults = load_settings()
     p = argparse.ArgumentParser(prog="unetseg serve", description="Run the HTTP service (settings: UNETSEG_*).")
     p.add_argument("--host", default=defaults.host)
     p.add_argument("--port", type=int, default=defaults.port)
@@ -41,6 +31,13 @@ def serve(argv: Sequence[str]) -> int:
     p.add_argument("--data-dir", type=Path, help="overrides UNETSEG_DATA_DIR")
     p.add_argument("--device", help="overrides UNETSEG_DEVICE")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=defaults.workers,
+        help="HTTP front-end processes sharing one engine process (default UNETSEG_WORKERS; 0: one per two cores "
+        "on a CUDA host, at most 8; 1: one process)",
+    )
     p.add_argument("--ray", action="store_true", help="serve from Ray Serve replicas (needs the ray extra)")
     p.add_argument("--replicas", type=int, default=1, help="with --ray: whole-app replicas")
     p.add_argument("--ray-address", help="with --ray: join this cluster (default: RAY_ADDRESS, else start one)")
@@ -70,29 +67,38 @@ def serve(argv: Sequence[str]) -> int:
             print(f"unetseg serve --ray needs the ray extra (pip install -e '.[ray]'): {exc}", file=sys.stderr)
             return 2
         return run(settings, args.replicas, args.ray_address, args.gpus_per_replica, grace_s=args.grace)
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=args.grace,
-    )
-    Server(config).run()
+    if args.workers < 0:
+        p.error("--workers must be at least 0")
+    workers = args.workers
+    if workers == 0:
+        from app.procs.supervisor import default_workers
+
+        workers = default_workers()
+    try:  # before anything loads: a port in use is said at once, not after the models are warm
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        print(
+            f"unetseg serve: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr
+        )
+        return 3
+    with sock:
+        if workers > 1:
+            from app.procs.supervisor import run as run_workers
+
+            return run_workers(settings, workers, args.grace, sock)
+        from app import serving
+
+        serving.run(create_app(settings), settings, args.grace, sock)
     return 0
 
 
 def predict(argv: Sequence[str]) -> int:
-    import asyncio
-
-    from app.config import Settings
+    from app.config import holds_bundles, load_settings
     from app.engine import Engine, resolve_device
     from app.errors import ServiceError
-    from app.imaging import encode_mask_png, encode_overlay_png
-    from app.segment import segment_image
+    from app.pipeline import Ask, predict_sync
 
-    defaults = Settings()
+    defaults = load_settings()
     p = argparse.ArgumentParser(
         prog="unetseg predict",
         description="Segment image files in this process, or with --url on a running service.",
@@ -104,7 +110,12 @@ def predict(argv: Sequence[str]) -> int:
     )
     p.add_argument("--out", type=Path, default=Path("masks"), help="output folder (created)")
     p.add_argument("--format", choices=["png", "overlay"], default="png")
-    p.add_argument("--weights-dir", type=Path, default=defaults.weights_dir)
+    p.add_argument(
+        "--weights-dir",
+        type=Path,
+        default=defaults.weights_dir,
+        help="folder of model bundles (default: UNETSEG_WEIGHTS_DIR, else ./weights, else the shipped bundles)",
+    )
     p.add_argument("--device", default=defaults.device)
     remote = p.add_argument_group("on a running service")
     remote.add_argument("--url", help="send the images to the service at this URL (e.g. http://host:8000)")
@@ -135,6 +146,9 @@ def predict(argv: Sequence[str]) -> int:
         weights_dir, args.model = Path(args.model), None
     elif args.model and ("/" in args.model or Path(args.model).is_dir()):
         p.error(f"--model {args.model}: not a model bundle (a folder with card.json and model.safetensors)")
+    if not holds_bundles(weights_dir):
+        print(f"unetseg predict: {weights_dir} holds no model bundle: {WEIGHTS_HINT}", file=sys.stderr)
+        return 2
     try:
         engine = Engine.from_folder(
             weights_dir,
@@ -148,7 +162,10 @@ def predict(argv: Sequence[str]) -> int:
         print(f"unetseg predict: {exc}", file=sys.stderr)
         return 2
     if args.model and args.model not in engine.models:
-        print(f"unetseg predict: unknown model {args.model!r}; available: {', '.join(sorted(engine.models))}")
+        available = ", ".join(sorted(engine.models))
+        print(
+            f"unetseg predict: unknown model {args.model!r}; available: {available} in {weights_dir} ({WEIGHTS_HINT})"
+        )
         engine.stop()
         return 2
     engine.start(warmup=False)
@@ -156,30 +173,26 @@ def predict(argv: Sequence[str]) -> int:
     failures = 0
     try:
         m = engine.get(args.model)
-        colors = [c.color for c in m.card.classes]
+        # The service's own pipeline; bulk=True for the class areas printed below.
+        ask = Ask(m.name, args.format, 0.5, defaults.png_compress_level, bulk=True)
         for path in args.images:
             try:
-                data = path.read_bytes()
-                full = args.format == "overlay"
-                decoded, seg = asyncio.run(segment_image(engine, m.name, data, defaults.max_pixels, None, full))
+                answer = predict_sync(engine, ask, path.read_bytes(), defaults.max_pixels)
             except (ServiceError, OSError) as exc:
                 print(f"{path}: {exc}", file=sys.stderr)
                 failures += 1
                 continue
-            level = defaults.png_compress_level
-            png = (
-                encode_mask_png(seg.mask, colors, level)
-                if args.format == "png"
-                else encode_overlay_png(decoded.rgb, seg.mask, colors, 0.5, level)
-            )
             target = args.out / f"{path.stem}.png"
-            target.write_bytes(png)
-            areas = ", ".join(f"{c.name} {float((seg.mask == c.id).mean()):.1%}" for c in m.card.classes[1:])
+            target.write_bytes(answer.body)
+            total = max(1, answer.width * answer.height)
+            areas = ", ".join(f"{c.name} {answer.counts[c.id] / total:.1%}" for c in m.card.classes[1:])
             print(f"{path} -> {target} ({areas})")
     finally:
         engine.stop()
     return 1 if failures else 0
 
+
+WEIGHTS_HINT = "give the folder of bundles with --weights-dir (or UNETSEG_WEIGHTS_DIR), or a bundle folder as --model"
 
 COMMANDS = {
     "serve": "run the HTTP service",
@@ -198,14 +211,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name:<10}{text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     cmd, rest = argv[0], argv[1:]
-    if cmd == "serve":
-        return serve(rest)
-    if cmd == "predict":
-        return predict(rest)
-    if cmd == "segment":
-        from app.segment import main as segment_main
+    if cmd in ("serve", "predict", "segment"):
+        from app.config import SettingsError
 
-        return segment_main(rest)
+        try:
+            if cmd == "serve":
+                return serve(rest)
+            if cmd == "predict":
+                return predict(rest)
+            from app.segment import main as segment_main
+
+            return segment_main(rest)
+        except SettingsError as exc:  # names the UNETSEG_ variable, without a traceback
+            print(f"unetseg {cmd}: {exc}", file=sys.stderr)
+            return 2
     if cmd == "train":
         from model.train import main as train_main
 

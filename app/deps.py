@@ -1,4 +1,7 @@
-"""Dependencies shared by the routes, as ``Annotated`` aliases."""
+"""Dependencies shared by the routes, as ``Annotated`` aliases.
+
+They are ``async``: FastAPI runs a plain ``def`` dependency in its thread pool, a hand-off per dependency
+per request for what takes microseconds."""
 
 from __future__ import annotations
 
@@ -11,13 +14,13 @@ from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 
-from app.engine import Engine
 from app.errors import NotReady, Unauthorized
+from app.inference import Inference
 from app.state import AppState
 from app.store import UploadStore
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.unetseg
     return state
 
@@ -25,19 +28,19 @@ def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def get_engine(state: StateDep) -> Engine:
+async def get_engine(state: StateDep) -> Inference:
     if not state.ready.is_set() or state.engine is None:
         raise NotReady(state.error or "the models are still loading")
     return state.engine
 
 
-def get_store(state: StateDep) -> UploadStore:
+async def get_store(state: StateDep) -> UploadStore:
     if state.store is None:
         raise NotReady("the upload store is not open")
     return state.store
 
 
-EngineDep = Annotated[Engine, Depends(get_engine)]
+EngineDep = Annotated[Inference, Depends(get_engine)]
 StoreDep = Annotated[UploadStore, Depends(get_store)]
 
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`, when UNETSEG_API_KEY is set.")
@@ -49,9 +52,13 @@ _header = APIKeyHeader(
 def check_api_key(request: Request) -> None:
     """When keys are configured, refuse (401) a request that offers none of them, compared in constant time.
 
-    The key is read from ``X-API-Key``, else from ``Authorization: Bearer <key>``.
+    The key is read from ``X-API-Key``, else from ``Authorization: Bearer <key>``. Checked once per request:
+    a route that checked it before reading the body (``KeyCheckedRoute``) is not checked again.
     """
-    keys = get_state(request).settings.api_key
+    if getattr(request.state, "key_checked", False):
+        return
+    state: AppState = request.app.state.unetseg
+    keys = state.settings.api_key
     if not keys:
         return
     offered = request.headers.get("x-api-key") or None
@@ -67,9 +74,10 @@ def check_api_key(request: Request) -> None:
         match |= hmac.compare_digest(given, key.encode())
     if not match:
         raise Unauthorized("the API key is not valid")
+    request.state.key_checked = True
 
 
-def require_api_key(
+async def require_api_key(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     header: Annotated[str | None, Security(_header)],

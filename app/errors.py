@@ -76,6 +76,16 @@ class Overloaded(ServiceError):
         super().__init__(detail, {"Retry-After": str(retry_after_s)})
 
 
+class StoreUnavailable(ServiceError):
+    """The upload store (its database, or where its bytes are kept) cannot be reached or did not answer in
+    time: uploads and predictions by upload id wait for it; nothing else does."""
+
+    status_code = 503
+
+    def __init__(self, detail: str, retry_after_s: int = 1) -> None:
+        super().__init__(detail, {"Retry-After": str(retry_after_s)})
+
+
 class RequestTimeout(ServiceError):
     status_code = 504
 

@@ -3,6 +3,10 @@
 Start-up validates and loads every bundle (a bad bundle stops the start with a message naming the file
 and field), opens the upload store, then moves the models to the device and warms them up in a
 background thread: ``/healthz`` answers at once, ``/readyz`` turns 200 when the models are warm.
+
+With ``UNETSEG_ENGINE_SOCKET`` (set by ``unetseg serve --workers N`` for its front ends) the models live in
+the engine process behind that socket instead, and this process loads no torch: it reads, decodes and
+encodes, and ``/readyz`` turns 200 once the engine process answers that its models are warm.
 """
 
 from __future__ import annotations
@@ -13,17 +17,18 @@ import os
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
-import torch
 from fastapi import Depends, FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
 from app.config import Settings
 from app.deps import require_api_key
-from app.engine import Engine, resolve_device
 from app.errors import ServiceError
 from app.jobs.runner import JobMetrics, job_lifespan
 from app.metrics import Metrics
@@ -31,6 +36,10 @@ from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, RouteT
 from app.routes import docs, health, jobs, models, predict, uploads, web
 from app.state import AppState
 from app.store import open_store
+from app.store.gate import StoreGate
+
+if TYPE_CHECKING:
+    from app.engine import Engine
 
 log = logging.getLogger("unetseg")
 
@@ -49,28 +58,17 @@ error bodies repeat it as `request_id` next to `detail`. `X-Served-By` names the
 `/`; Prometheus metrics are at `/metrics`."""
 
 
-def _start_engine(state: AppState) -> None:
-    assert state.engine is not None
-    try:
-        state.engine.start(warmup=state.settings.warmup)
-    except Exception as exc:
-        state.error = f"warm-up failed: {type(exc).__name__}: {exc}"
-        log.exception("model warm-up failed")
-        return
-    state.ready.set()
-    log.info("ready: %s on %s", ", ".join(state.engine.models), state.engine.device)
+def local_engine(s: Settings) -> Engine:
+    """Every bundle of ``s.weights_dir`` loaded (not yet warm) for this process's device, as the settings say."""
+    import torch
 
+    from app.engine import Engine, resolve_device
 
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    state: AppState = app.state.unetseg
-    s = state.settings
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
-    device = resolve_device(s.device)
-    state.engine = Engine.from_folder(
+    return Engine.from_folder(
         s.weights_dir,
-        device,
+        resolve_device(s.device),
         precision=s.precision,
         max_batch=s.max_batch,
         max_wait_s=s.max_wait_ms / 1000,
@@ -79,13 +77,49 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         default_model=s.default_model,
         streams=s.streams,
         graph=s.graph,
+        cuda_graphs=s.cuda_graphs,
         max_inflight_bytes=s.max_inflight_mb * 1024 * 1024,
     )
-    metrics: Metrics = app.state.metrics
-    for m in state.engine.models.values():
-        m.on_batch = metrics.observe_batch
+
+
+def io_pool(s: Settings, name: str) -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that decode, prepare, finish and encode requests (``UNETSEG_IO_THREADS``). Their torch work
+    (the CPU's upsampling and class maps) runs on one torch thread each: many requests at once use the cores,
+    not each request all of them over again."""
+    import torch
+
+    threads = s.io_threads or os.cpu_count() or 1
+    return concurrent.futures.ThreadPoolExecutor(threads, name, initializer=lambda: torch.set_num_threads(1))
+
+
+def _start_engine(state: AppState) -> None:
+    from app.engine import Engine
+
+    engine = state.engine
+    assert isinstance(engine, Engine)
+    try:
+        engine.start(warmup=state.settings.warmup)
+    except Exception as exc:
+        state.error = f"warm-up failed: {type(exc).__name__}: {exc}"
+        log.exception("model warm-up failed")
+        return
+    state.ready.set()
+    log.info("ready: %s on %s", ", ".join(engine.models), engine.device)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: AppState = app.state.unetseg
+    s = state.settings
+    if s.engine_socket:
+        async with _remote(state):
+            yield
+        return
+    engine = local_engine(s)
+    state.engine = engine
     state.store = open_store(s)
-    state.executor = concurrent.futures.ThreadPoolExecutor(s.io_threads or os.cpu_count() or 1, "unetseg-io")
+    state.store_gate = StoreGate(s.store_threads, s.store_timeout_s, state.store.meta.ping)
+    state.executor = io_pool(s, "unetseg-io")
     loader = threading.Thread(target=_start_engine, args=(state,), name="unetseg-warmup", daemon=True)
     loader.start()
     try:
@@ -94,8 +128,32 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         state.ready.clear()
         loader.join()
-        state.engine.stop()  # finishes what is queued
+        engine.stop()  # finishes what is queued
         state.executor.shutdown(wait=True)
+        state.store_gate.close()
+        state.store.close()
+
+
+@asynccontextmanager
+async def _remote(state: AppState) -> AsyncIterator[None]:
+    """A front end's lifespan: the engine process's client (ready once that process says its models are warm),
+    the store and the I/O threads."""
+    from app.procs.client import RemoteEngine
+
+    s = state.settings
+    engine = RemoteEngine(s.engine_socket, s.default_model)
+    state.engine = engine
+    state.store = open_store(s)
+    state.store_gate = StoreGate(s.store_threads, s.store_timeout_s, state.store.meta.ping)
+    state.executor = concurrent.futures.ThreadPoolExecutor(s.io_threads or os.cpu_count() or 1, "unetseg-io")
+    await engine.start(on_ready=state.ready.set)
+    try:
+        yield
+    finally:
+        state.ready.clear()
+        await engine.stop()
+        state.executor.shutdown(wait=True)
+        state.store_gate.close()
         state.store.close()
 
 
@@ -111,6 +169,30 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
 
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {field.alias for field in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def single_valued_query(request: Request) -> None:
+    """Refuse (422) a query parameter of the route given more than once, which would otherwise silently be
+    its last value (``?model=a&model=b`` segmenting with b). The error is FastAPI's own list of field errors."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    declared = _query_names(route.dependant)
+    repeated = sorted({key for key, _ in request.query_params.multi_items() if key in declared})
+    errors = [
+        {"type": "repeated", "loc": ("query", key), "msg": "Given more than once: send it once"}
+        for key in repeated
+        if len(request.query_params.getlist(key)) > 1
+    ]
+    if errors:
+        raise RequestValidationError(errors)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     app = FastAPI(
@@ -121,6 +203,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # docs.install serves the docs pages with their assets from this service
         redoc_url=None,
         generate_unique_id_function=lambda route: route.name,  # operation ids (client functions) are route names
+        dependencies=[Depends(single_valued_query)],
     )
     state = AppState(settings=settings)
     app.state.unetseg = state
@@ -149,7 +232,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ],
         )
     # Outermost: every response, the body limit's and CORS's included, gets a request id, a log line and metrics.
-    app.add_middleware(RequestContextMiddleware, observe=metrics.observe_request, routes=RouteTemplates.of(app))
+    app.add_middleware(
+        RequestContextMiddleware,
+        observe=metrics.observe_request,
+        routes=RouteTemplates.of(app),
+        body_timeout_s=settings.body_timeout_s,
+    )
     app.include_router(health.router)
     web.install(app)
     docs.install(app)

@@ -1,8 +1,9 @@
 """ASGI middleware: the request body limit, enforced while the body streams in; request ids, the access log
-and request metrics."""
+and request metrics; what happens to a body the client does not finish sending."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import FastAPI
 from starlette.datastructures import MutableHeaders
@@ -211,6 +213,15 @@ class RequestContextMiddleware:
       ``request_id_var`` while the request runs.
     - A JSON error response (status >= 400) whose body is an object with ``detail`` gets ``request_id``
       added next to it.
+    - **A body not received whole within ``body_timeout_s``** of the request's start (a client that sends
+      slowly on purpose, or stalls) ends the request: 408 and the connection closed.
+    - **A response sent before the request's body was read to its end** (a 413 on a chunked body, a 401,
+      a 408) carries ``Connection: close``: the server then closes the connection instead of reading, and
+      discarding, whatever the client goes on sending.
+    - **A client that disconnects before its response is complete** is logged and counted as 499 (as nginx
+      does), not as the 500 of the exception its request's read then raises.
+    - **A redirect's Location is a path** (the router's trailing-slash redirect builds an absolute URL from
+      the Host header, which a client or proxy chooses).
     - When the request is done, one ``unetseg.access`` log record carries a ``RequestRecord`` (as
       ``record.unetseg``), and ``observe`` (the metrics) gets the same record.
 
@@ -222,9 +233,11 @@ class RequestContextMiddleware:
         app: ASGIApp,
         routes: Callable[[], RouteTemplates],
         observe: Callable[[RequestRecord], None] | None = None,
+        body_timeout_s: float | None = None,
     ) -> None:
         self.app = app
         self.observe = observe
+        self.body_timeout_s = body_timeout_s
         self._load_routes = routes
         self._routes: RouteTemplates | None = None
         self.served_by = f"{socket.gethostname()}:{os.getpid()}"
@@ -260,21 +273,42 @@ class RequestContextMiddleware:
         started = False
         held: Message | None = None  # the start of a JSON error response, sent with its amended body
         chunks: list[bytes] = []
+        body_done = not _has_body(scope)
+        gone = False  # the client disconnected before its response was complete
+        complete = False
+        timed_out = False
+        deadline = None if self.body_timeout_s is None else time.monotonic() + self.body_timeout_s
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done, gone, timed_out
+            if body_done or deadline is None:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    timed_out = True
+                    raise _BodyTimeout from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = body_done or not message.get("more_body", False)
+            elif message["type"] == "http.disconnect" and not complete:
+                gone = True
             return message
 
         async def amending_send(message: Message) -> None:
-            nonlocal status, sent, started, held
+            nonlocal status, sent, started, held, complete
+            if timed_out:  # the app turned the aborted read into its own error: the 408 goes out instead
+                return
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = request_id
                 headers["X-Served-By"] = self.served_by
+                if not body_done:
+                    headers["Connection"] = "close"
+                if 300 <= status < 400 and "location" in headers:
+                    headers["Location"] = _path_only(headers["location"])
                 if status >= 400 and headers.get("content-type", "").startswith("application/json"):
                     held = message
                     return
@@ -282,6 +316,7 @@ class RequestContextMiddleware:
                 await send(message)
                 return
             if message["type"] == "http.response.body":
+                complete = not message.get("more_body", False)
                 if held is not None:
                     chunks.append(message.get("body", b""))
                     if message.get("more_body", False):
@@ -299,27 +334,24 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, counting_receive, amending_send)
+            if timed_out and not started:  # the app caught the timeout and answered: ours still goes out
+                status = 408
+                sent = await _send_error(send, 408, _BODY_TIMEOUT_DETAIL, request_id, self.served_by)
+        except _BodyTimeout:
+            status = 408
+            if not started:
+                sent = await _send_error(send, 408, _BODY_TIMEOUT_DETAIL, request_id, self.served_by)
         except Exception:
+            if gone:
+                return  # the read failed because the client left: nothing to answer, nothing to report (499)
             status = 500
             if not started:
-                body = json.dumps({"detail": "internal server error", "request_id": request_id}).encode()
-                sent = len(body)
                 started = True
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 500,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"x-request-id", request_id.encode()),
-                            (b"x-served-by", self.served_by.encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
+                sent = await _send_error(send, 500, "internal server error", request_id, self.served_by)
             raise
         finally:
+            if gone and not complete:
+                status = 499  # as nginx logs it: the client left before its response was complete
             request_id_var.reset(token)
             client = scope.get("client")
             timings = state.get("timings")
@@ -340,6 +372,45 @@ class RequestContextMiddleware:
             access_log.info(record.text(), extra={"unetseg": record.fields()})
             if self.observe is not None:
                 self.observe(record)
+
+
+class _BodyTimeout(Exception):
+    pass
+
+
+_BODY_TIMEOUT_DETAIL = "the request body was not received in time"
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"0", b"")):
+            return True
+    return False
+
+
+def _path_only(location: str) -> str:
+    parts = urlsplit(location)
+    return urlunsplit(("", "", parts.path or "/", parts.query, parts.fragment))
+
+
+async def _send_error(send: Send, status: int, detail: str, request_id: str, served_by: str) -> int:
+    """A JSON error of the middleware's own, on a connection it closes. Returns the body's length."""
+    body = json.dumps({"detail": detail, "request_id": request_id}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-request-id", request_id.encode()),
+                (b"x-served-by", served_by.encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+    return len(body)
 
 
 def _with_request_id(body: bytes, request_id: str) -> bytes:

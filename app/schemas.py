@@ -8,9 +8,20 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 
+class StoreStatus(BaseModel):
+    status: Literal["ok", "unreachable"] = Field(examples=["ok"])
+    detail: str | None = Field(None, description="Why the store is unreachable, when it is.")
+    since: datetime = Field(description="When the store last became reachable or unreachable.")
+
+
 class Status(BaseModel):
     status: str = Field(examples=["ok"])
     detail: str | None = Field(None, description="Why the service is not ready, when it is not.")
+    store: StoreStatus | None = Field(
+        None,
+        description="/readyz: whether the upload store (its database and blobs) answers. An unreachable store "
+        "leaves the service ready: predictions on images sent work; uploads and predictions by upload id get 503.",
+    )
 
 
 class ErrorBody(BaseModel):
@@ -67,6 +78,11 @@ class ModelOut(BaseModel):
     graph: str = Field(
         examples=["script"],
         description="How its forward pass runs: script (a frozen TorchScript graph), eager or compiled.",
+    )
+    max_batch: int = Field(
+        examples=[16],
+        description="Most inputs (images or tiles) per forward pass: measured at warm-up unless UNETSEG_MAX_BATCH "
+        "sets it.",
     )
     classes: list[ClassOut]
     input: InputPolicyOut
@@ -141,4 +157,6 @@ class Prediction(BaseModel):
     instances: list[Instance] | None = Field(
         None, description="Each instance, in id order (models with instances only; absent otherwise)."
     )
-    timings_ms: dict[str, float] = Field(examples=[{"decode": 4.1, "queue": 0.2, "model": 31.5, "encode": 0.9}])
+    timings_ms: dict[str, float] = Field(
+        examples=[{"decode": 4.1, "queue": 0.2, "model": 31.5, "post": 0.3, "encode": 0.9}]
+    )

@@ -1,4 +1,4 @@
-"""What lives as long as the app: settings, the upload store, the engine, the I/O thread pool."""
+"""What lives as long as the app: settings, the upload store and its threads, the engine, the I/O thread pool."""
 
 from __future__ import annotations
 
@@ -7,15 +7,24 @@ import threading
 from dataclasses import dataclass, field
 
 from app.config import Settings
-from app.engine import Engine
+from app.errors import NotReady
+from app.inference import Inference
 from app.store import UploadStore
+from app.store.gate import StoreGate
 
 
 @dataclass
 class AppState:
     settings: Settings
     store: UploadStore | None = None
-    engine: Engine | None = None
+    store_gate: StoreGate | None = None  # every store call from a request goes through it
+    engine: Inference | None = None  # the models: in this process, or an engine process's (--workers)
     executor: concurrent.futures.ThreadPoolExecutor | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     error: str | None = None  # why start-up failed, for /readyz
+
+    def gate(self) -> StoreGate:
+        """The store's threads; 503 before the store is open."""
+        if self.store_gate is None:
+            raise NotReady("the upload store is not open")
+        return self.store_gate

@@ -1,4 +1,4 @@
-"""Benchmarks: measured numbers for the README, never asserted in tests."""
+"""Benchmarks: measured numbers for docs/ (benchmarks.md, scaling.md), never asserted in tests."""
 
 import os
 from pathlib import Path

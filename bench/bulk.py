@@ -31,7 +31,7 @@ from app.config import Settings
 from app.engine import resolve_device
 from app.segment import Report, find_bundle, run
 from bench import DATASETS
-from model.train import hardware
+from model.device import hardware
 
 DATASET_IMAGES = DATASETS / "kvasir_seg" / "images"
 

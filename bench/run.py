@@ -1,6 +1,6 @@
 """The serving benchmark: one command, one machine, the same images for every contestant.
 
-    python -m bench.run [--weights-dir weights] [--model polyp] [--seconds 15] [--clients 1 8 32]
+    python -m bench.run [--weights-dir weights] [--model polyp] [--seconds 15] [--clients 1 8 32] [--workers N]
 
 Measures, in this order (each server runs alone):
 1. the raw model forward in-process at batch sizes 1..16, the best of which is the ceiling a server tends to;
@@ -45,7 +45,7 @@ from app.engine.graph import GRAPHS, script_graph, wants_script
 from bench import DATASETS, ROOT
 from bench.loadgen import LoadResult, json_request, multipart_request, run_load
 from model.bundle import discover, load_bundle
-from model.train import hardware
+from model.device import hardware
 
 DATASET_IMAGES = DATASETS / "kvasir_seg" / "images"
 
@@ -77,11 +77,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(cmd: list[str], port: int, health: str, env: dict[str, str] | None = None) -> Iterator[None]:
+def server(
+    cmd: list[str], port: int, health: str, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> Iterator[subprocess.Popen[bytes]]:
     log = tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False)  # noqa: SIM115
     # A session of its own, so that stopping it also stops the worker processes some servers fork.
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
         deadline = time.monotonic() + 180
@@ -96,7 +98,7 @@ def server(cmd: list[str], port: int, health: str, env: dict[str, str] | None = 
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{cmd[2]} not ready: {Path(log.name).read_text()[-2000:]}")
             time.sleep(0.2)
-        yield
+        yield proc
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -215,11 +217,13 @@ def raw_forward(
     dtype: torch.dtype,
     seconds: float,
     streams: int,
+    batches: tuple[int, ...] = (1, 2, 4, 8, 16),
 ) -> dict[str, Any]:
-    """The raw forward at batch sizes 1..16, with one stream and (if asked) the service's streams."""
+    """The raw forward at ``batches``, with one stream and (if asked) the service's streams."""
     rows: dict[str, dict[int, float]] = {}
     for s in sorted({1, streams}):
-        rows[str(s)] = {bs: raw_rate(model, inputs, device, dtype, bs, s, seconds / 5) for bs in (1, 2, 4, 8, 16)}
+        share = seconds / len(batches)
+        rows[str(s)] = {bs: raw_rate(model, inputs, device, dtype, bs, s, share) for bs in batches}
         print(f"  {s} stream(s): {rows[str(s)]}", flush=True)
     best_s, best_bs = max(((s, bs) for s in rows for bs in rows[s]), key=lambda k: rows[k[0]][k[1]])
     return {
@@ -261,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=15.0, help="measured seconds per client count")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--large-side", type=int, default=4000)
-    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument(
+        "--max-batch", type=int, default=0, help="UNETSEG_MAX_BATCH (0: measured) and LitServe's batch (0: 8)"
+    )
+    ap.add_argument("--workers", type=int, default=1, help="front-end processes of the service (serve --workers)")
+    ap.add_argument("--raw-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="raw forward batch sizes")
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--streams", type=int, default=1, help="UNETSEG_STREAMS for the service, workers for LitServe")
     ap.add_argument("--graph", default="auto", choices=GRAPHS, help="UNETSEG_GRAPH for the service and the raw forward")
@@ -298,13 +306,14 @@ def main(argv: list[str] | None = None) -> int:
         "images": {"small": "512x512 JPEG", "large": f"{a.large_side}x{a.large_side * 3 // 4} JPEG", "source": origin},
         "seconds": a.seconds,
         "max_batch": a.max_batch,
+        "workers": a.workers,
         "max_wait_ms": a.max_wait_ms,
         "streams": a.streams,
         "graph": a.graph,
     }
     print(f"raw forward ({card.name}, {device}, {dname}):", flush=True)
     model, inputs = bare_model(bundle_dir, device, dtype, a.graph)
-    report["raw"] = raw_forward(model, inputs, device, dtype, a.seconds, a.streams)
+    report["raw"] = raw_forward(model, inputs, device, dtype, a.seconds, a.streams, tuple(a.raw_batches))
     flops = flops_per_image(bundle_dir)
     report["raw"]["gflop_per_image"] = round(flops / 1e9, 3)
     report["raw"]["achieved_tflops"] = round(flops * report["raw"]["best_images_per_s"] / 1e12, 4)
@@ -328,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             "UNETSEG_QUEUE_SIZE": "256",
             "UNETSEG_LOG_LEVEL": "warning",
         }
-        with server([sys.executable, "-m", "app", "serve", "--port", str(port)], port, "/readyz", env):
+        cmd = [sys.executable, "-m", "app", "serve", "--port", str(port), "--workers", str(a.workers)]
+        with server(cmd, port, "/readyz", env):
             report["service"] = measure(
                 "service",
                 port,
@@ -381,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--device",
                 device.type,
                 "--max-batch",
-                str(a.max_batch),
+                str(a.max_batch or 8),
                 "--wait-s",
                 str(a.max_wait_ms / 1000),
                 "--workers",
@@ -438,7 +448,7 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         f"{report['model']['name']} ({report['model']['input']}) on {report['machine']['hardware']}, "
         f"{report['precision']}, graph {report.get('graph', 'eager')}, service streams {report['streams']}, "
-        f"max batch {report['max_batch']}; "
+        f"workers {report.get('workers', 1)}, max batch {report['max_batch'] or 'measured'}; "
         f"raw forward best {raw['best_images_per_s']} img/s (again at the end: {raw['best_images_per_s_after']}; "
         f"ceiling {raw['ceiling_images_per_s']}) at batch {raw['best_batch']} x {raw['best_streams']} stream(s) "
         f"({raw['gflop_per_image']} GFLOP/image, {raw['achieved_tflops']} TFLOP/s"

@@ -25,6 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.config import ENCODERS
+
+__all__ = [
+    "ENCODERS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "EfficientNetLiteEncoder",
+    "EncoderSpec",
+    "checkpoint_keys",
+    "imagenet_checkpoint",
+    "load_imagenet",
+]
+
 # The stages of EfficientNet-Lite0: (repeats, kernel, stride, expansion, input channels, output channels).
 _LITE_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
     (1, 3, 1, 1, 32, 16),
@@ -41,7 +54,6 @@ _LITE_SCALING: dict[str, tuple[float, float]] = {
     "efficientnet-lite1": (1.0, 1.1),
     "efficientnet-lite2": (1.1, 1.2),
 }
-ENCODERS: tuple[str, ...] = ("plain", *_LITE_SCALING)
 # The normalisation the ImageNet checkpoints were trained with (the TensorFlow Lite builder's 127 and 128 of
 # 255), for pixels scaled to [0, 1]. It classifies the sample photos slightly better than the usual ImageNet
 # statistics (scikit-image's chelsea: Egyptian cat 0.79 against 0.78; coffee: espresso 0.91 against 0.82).

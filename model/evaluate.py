@@ -46,6 +46,17 @@ def confusion(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarr
     return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
+def confusion_on_device(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> np.ndarray:
+    """``confusion`` of two (H, W) integer tensors on their own device (no copy of the maps to the host):
+    the same (K, K) int64 counts, truth values >= K (ignore) skipped."""
+    k = num_classes
+    t = truth.reshape(-1).long()
+    p = pred.reshape(-1).long()
+    # Skipped pixels go to an extra bin that is dropped, so no boolean indexing (a device sync) is needed.
+    idx = torch.where(t < k, t * k + p, k * k)
+    return torch.bincount(idx, minlength=k * k + 1)[: k * k].reshape(k, k).cpu().numpy()
+
+
 def class_scores(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-class (Dice, IoU) arrays of length K from one confusion matrix; 1.0 where a class is absent."""
     tp = np.diag(cm).astype(np.float64)
@@ -172,6 +183,48 @@ def predict_logits(
     return blended_logits(plan, total / len(views))
 
 
+class Scorer:
+    """The report of a set of images, built image by image from each one's logits at its own size.
+
+    Both evaluation paths feed it, so their numbers come from one piece of arithmetic: ``evaluate_model``
+    (the serving pipeline, logits on the host) and training's batched validation (logits on the device).
+    """
+
+    def __init__(self, class_names: Sequence[str], instances: InstanceSpec | None = None) -> None:
+        self.class_names = list(class_names)
+        self.instances = instances
+        self.matrices: list[np.ndarray] = []
+        self.stems: list[str] = []
+        self.precisions: list[np.ndarray] = []
+        self.inst_stems: list[str] = []
+        self.counts: list[tuple[int, int]] = []
+
+    def add(
+        self, stem: str, logits: torch.Tensor, mask: np.ndarray | torch.Tensor, truth_ids: np.ndarray | None = None
+    ) -> None:
+        """Score one image: ``logits`` (K, H, W) float32 on any device; ``mask`` (H, W) class ids, a tensor on
+        the logits' device or an array; ``truth_ids`` (H, W) instance ids, scored when instances are."""
+        k = len(self.class_names)
+        if isinstance(mask, torch.Tensor):
+            self.matrices.append(confusion_on_device(logits.argmax(0), mask, k))
+        else:
+            self.matrices.append(confusion(logits.argmax(0).cpu().numpy(), mask, k))
+        self.stems.append(stem)
+        if self.instances is not None and truth_ids is not None:
+            ids = instances_from_logits(logits.cpu(), self.instances)
+            self.precisions.append(image_precisions(truth_ids, ids))
+            self.inst_stems.append(stem)
+            self.counts.append((len(np.unique(truth_ids[truth_ids > 0])), int(ids.max(initial=0))))
+
+    def report(self) -> dict[str, Any]:
+        spec = self.instances
+        union = [spec.interior, spec.boundary] if spec is not None and spec.boundary else []
+        report = summarize(self.matrices, self.class_names, self.stems, union)
+        if spec is not None:
+            report["instances"] = summarize_instances(self.precisions, self.inst_stems, self.counts, spec)
+        return report
+
+
 def evaluate_model(
     model: torch.nn.Module,
     samples: Iterable[Sample],
@@ -189,23 +242,11 @@ def evaluate_model(
     """
     was_training = model.training
     model.eval()
-    matrices, stems = [], []
-    precisions, inst_stems, counts = [], [], []
+    scorer = Scorer(class_names, instances)
     for s in samples:
-        logits = predict_logits(model, s.image, policy, device, dtype, tta)
-        matrices.append(confusion(logits.argmax(0).numpy(), s.mask, len(class_names)))
-        stems.append(s.stem)
-        if instances is not None and s.instances is not None:
-            ids = instances_from_logits(logits, instances)
-            precisions.append(image_precisions(s.instances, ids))
-            inst_stems.append(s.stem)
-            counts.append((len(np.unique(s.instances[s.instances > 0])), int(ids.max(initial=0))))
+        scorer.add(s.stem, predict_logits(model, s.image, policy, device, dtype, tta), s.mask, s.instances)
     model.train(was_training)
-    union = [instances.interior, instances.boundary] if instances is not None and instances.boundary else []
-    report = summarize(matrices, class_names, stems, union)
-    if instances is not None:
-        report["instances"] = summarize_instances(precisions, inst_stems, counts, instances)
-    return report
+    return scorer.report()
 
 
 def format_report(report: dict[str, Any], title: str) -> str:

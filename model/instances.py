@@ -23,11 +23,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential, watershed
 
-from model.bundle import InstanceSpec
+from model.card import InstanceSpec
 
 # The competition's IoU thresholds: 0.5, 0.55, ..., 0.95.
 THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
@@ -35,12 +34,13 @@ THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10
 _EIGHT = np.ones((3, 3), dtype=bool)
 
 
-def instances_from_logits(logits: torch.Tensor | np.ndarray, spec: InstanceSpec) -> np.ndarray:
-    """(K, H, W) logits at the image's size -> (H, W) int32 instance ids, 0 = background, 1..N."""
-    x = torch.as_tensor(logits).float()
+def instances_from_logits(logits: Any, spec: InstanceSpec) -> np.ndarray:
+    """(K, H, W) logits at the image's size (a NumPy array, or a CPU tensor) -> (H, W) int32 instance ids,
+    0 = background, 1..N. NumPy only: the service's front ends run it without torch."""
+    x = np.asarray(logits, dtype=np.float32)
     if x.ndim != 3:
         raise ValueError(f"logits must be (K, H, W), got shape {tuple(x.shape)}")
-    classes = x.argmax(0).numpy()
+    classes = x.argmax(0)
     if spec.method == "components":
         ids, _ = ndi.label(classes == spec.interior, structure=_EIGHT)
         return _finish(ids, spec.min_area)
@@ -51,7 +51,8 @@ def instances_from_logits(logits: torch.Tensor | np.ndarray, spec: InstanceSpec)
     markers, n = ndi.label(interior, structure=_EIGHT)
     ids = np.zeros(classes.shape, dtype=np.int32)
     if n:
-        p_interior = x.softmax(0)[spec.interior].numpy()
+        e = np.exp(x - x.max(0, keepdims=True))
+        p_interior = e[spec.interior] / e.sum(0)
         ids = watershed(1.0 - p_interior, markers, mask=foreground)
     orphans, m = ndi.label(foreground & (ids == 0), structure=_EIGHT)
     if m:

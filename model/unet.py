@@ -17,70 +17,15 @@ Size contract: any input height and width. Inputs are padded (edge replication) 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.encoders import ENCODERS, EfficientNetLiteEncoder, EncoderSpec
+from model.config import NORMS, UPSAMPLES, Norm, UNetConfig, Upsample
+from model.encoders import EfficientNetLiteEncoder, EncoderSpec
 
-Norm = Literal["batch", "group", "instance", "none"]
-Upsample = Literal["transpose", "bilinear"]
-
-NORMS: tuple[str, ...] = ("batch", "group", "instance", "none")
-UPSAMPLES: tuple[str, ...] = ("transpose", "bilinear")
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    """Everything needed to rebuild the architecture; stored in every bundle's card."""
-
-    in_channels: int = 3
-    num_classes: int = 2
-    base_width: int = 32  # channels at the first level; level i has base_width * 2**i
-    depth: int = 4  # number of down-sampling steps
-    norm: Norm = "batch"
-    upsample: Upsample = "transpose"
-    residual: bool = False  # ResNet-style identity (or 1x1 projection) around each DoubleConv
-    skip: bool = True  # False gives a plain encoder-decoder (no concatenation), for ablation
-    encoder: str = "plain"  # "plain" or an EfficientNet-Lite ("efficientnet-lite0"); see model.encoders
-
-    def __post_init__(self) -> None:
-        for name in ("in_channels", "num_classes", "base_width", "depth"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2 (background + one class), got {self.num_classes}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if self.upsample not in UPSAMPLES:
-            raise ValueError(f"upsample must be one of {UPSAMPLES}, got {self.upsample!r}")
-        for name in ("residual", "skip"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
-        if self.encoder != "plain" and self.depth != 5:
-            raise ValueError(f"the {self.encoder} encoder downsamples 5 times: depth must be 5, got {self.depth}")
-
-    @property
-    def multiple(self) -> int:
-        """Spatial sizes the encoder divides without remainder."""
-        return int(2**self.depth)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> UNetConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown architecture field(s): {', '.join(unknown)}")
-        return cls(**data)
+__all__ = ["NORMS", "UPSAMPLES", "DoubleConv", "Down", "Norm", "OutConv", "UNet", "UNetConfig", "Up", "Upsample"]
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:

@@ -6,8 +6,9 @@
 Every pair of runs shares every setting (data split, seed, augmentation, schedule, epochs) except ``skip``;
 each seed changes the initial weights, the batch order and the augmentation, never the split. Writes
 ``docs/skip-ablation.png`` (validation Dice per epoch, and the gradient norm reaching the first encoder
-layer over the first steps: the mean over seeds bold, each seed thin) and prints a Markdown table for the
-README. Finished runs are reused and interrupted ones resumed, so the script can be stopped and restarted.
+layer over the first steps: the mean over seeds bold, each seed thin) and prints a Markdown table for
+docs/training.md. Finished runs are reused and interrupted ones resumed, so the script can be stopped and
+restarted.
 """
 
 from __future__ import annotations

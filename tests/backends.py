@@ -1,7 +1,8 @@
 """Real store backends for the tests: throwaway PostgreSQL databases and an S3 emulator on 127.0.0.1.
 
 PostgreSQL is the server `.ci/run` installs and starts (reached as UNETSEG_TEST_POSTGRES_URL, by default
-the superuser over TCP with the password `.ci/run` sets). Tests that need it skip when none is reachable,
+the superuser over TCP with the password `.ci/run` sets); tests that stop the database start a server of
+their own from the same installation (``private_postgres``). Tests that need it skip when none is reachable,
 except in CI (CI=true), where a missing server fails them. S3 is moto's server mode (an emulator of the
 S3 API), started in this process on a free port.
 """
@@ -9,9 +10,14 @@ S3 API), started in this process on a free port.
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -86,3 +92,62 @@ def new_bucket(endpoint: str) -> str:
     client.create_bucket(Bucket=name)
     client.close()
     return name
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of one test's own, in a temporary folder on a free port on 127.0.0.1, which the
+    test may stop (as a crash would: ``-m immediate``) and start again without touching anyone else's.
+
+    Run as the ``postgres`` user when the tests run as root (PostgreSQL refuses root), as CI does."""
+
+    def __init__(self, bindir: Path, root: Path, port: int) -> None:
+        self.bindir, self.root, self.port = bindir, root, port
+        self.data = root / "data"
+        self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+    def _run(self, *cmd: str) -> None:
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        done = subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            log = (self.root / "server.log").read_text() if (self.root / "server.log").exists() else ""
+            raise RuntimeError(f"{' '.join(cmd)}: {done.returncode} {done.stdout}{done.stderr}{log[-2000:]}")
+
+    def init(self) -> None:
+        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+
+    def start(self) -> None:
+        """Returns once the server accepts connections."""
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        log = str(self.root / "server.log")
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", log, "-w", "start")
+
+    def stop(self) -> None:
+        """As a crash: every backend is gone at once, open connections are cut."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
+
+@contextmanager
+def private_postgres() -> Iterator[PrivatePostgres]:
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    if not versions:
+        unavailable("no PostgreSQL server binaries in /usr/lib/postgresql (`bash .ci/run` installs them)")
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        unavailable("running as root without runuser: cannot start PostgreSQL as the postgres user")
+    root = Path(tempfile.mkdtemp(prefix="unetseg-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    server = PrivatePostgres(versions[-1].parent, root, port)
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        if server.running():
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,17 +1,23 @@
 """The only place where requests meet torch: device, precision, queueing, dynamic batching, threads, memory.
 
-One ``ModelEngine`` (``scheduler``) per loaded model owns its worker threads and its queue of jobs; the
-``Engine`` here holds them all, the memory budget shared by every request in flight (``work``), and
-the pipeline a request goes through: reserve its memory, make its work (lazily tiled or resized), wait
-for the model (giving up when the request times out or its client hangs up), make the mask.
-Device and precision choices are in ``device``.
+The package, by job:
+
+- ``batching``: which inputs run together and when (admission, fairness, waiting), plain Python;
+- ``workers``: one model's worker threads (``ModelEngine``): batches in, logits delivered, failures local;
+- ``runner``: the model on its device (normalisation, forward pass, frozen or CUDA graphs, pinned staging,
+  the measured batch limit); ``device``: device and precision choices; ``graph``: the frozen graph;
+- ``work``: a request's inputs and their post-processing on the device, and the memory budget.
+
+``Engine`` holds every loaded model and the budget shared by all requests in flight. A request goes through
+it in three steps, which the service's pipeline (``app.pipeline``) runs on two hand-offs to its I/O threads
+and one to a model's worker: ``prepare`` (reserve its memory, make its work: the resized uint8 input, or
+the lazily cut tiles), ``run`` (wait for the model, giving up when the request times out or its client
+hangs up), ``finish`` (the mask and instance ids, copied from the device).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import logging
 import math
 import time
@@ -22,11 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.engine.batching import Job, Timing
 from app.engine.device import device_supports, native_bf16, resolve_device, resolve_dtype, stream_threads
-from app.engine.scheduler import EngineStats, Job, ModelEngine, Timing
-from app.engine.work import TRIM_BYTES, MemoryBudget, ResizedWork, TiledWork, trim_memory, work_bytes
-from app.errors import RequestTimeout, ServiceError, UnknownModel
-from model.bundle import Bundle, InstanceSpec, discover, load_bundle
+from app.engine.work import TRIM_BYTES, MemoryBudget, ResizedWork, TensorWork, TiledWork, work_bytes
+from app.engine.workers import EngineStats, ModelEngine
+from app.errors import UnknownModel
+from app.heap import trim_memory
+from app.inference import ClientGone, wait_for
+from model.bundle import Bundle, Card, InstanceSpec, discover, load_bundle
 from model.instances import instances_from_logits
 
 __all__ = [
@@ -36,9 +45,12 @@ __all__ = [
     "Job",
     "MemoryBudget",
     "ModelEngine",
+    "Prepared",
     "Segmentation",
+    "TensorWork",
     "Timing",
     "device_supports",
+    "make_work",
     "native_bf16",
     "resolve_device",
     "resolve_dtype",
@@ -47,38 +59,42 @@ __all__ = [
 
 log = logging.getLogger("unetseg.engine")
 
-# How often a request waiting for the model checks whether its client is still there.
-DISCONNECT_POLL_S = 0.1
-
-
-class ClientGone(ServiceError):
-    """The client closed the connection before its prediction was ready: the job was dropped."""
-
-    status_code = 499  # as nginx logs it: nobody reads this response
-
 
 @dataclass
 class Segmentation:
     mask: np.ndarray  # (H, W) uint8 class ids
     model: str
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: prepare, queue, model (+ finish)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: prepare, queue, model, post
     instances: np.ndarray | None = None  # (H, W) int32 ids 0..N when asked for, for a model with instances
 
 
-def finish_work(work: ResizedWork | TiledWork, spec: InstanceSpec | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The (H, W) uint8 class map and, with ``spec``, the (H, W) int32 instance ids, from the blended logits."""
-    mask = work.mask()
-    return mask, (instances_from_logits(work.logits(), spec) if spec is not None else None)
-
-
-def make_work(engine: ModelEngine, image: np.ndarray, size: tuple[int, int] | None) -> ResizedWork | TiledWork:
-    """The model inputs for an image, made lazily for a tiled policy."""
+def make_work(
+    engine: ModelEngine, image: np.ndarray, size: tuple[int, int] | None, keep_logits: bool = False
+) -> ResizedWork | TiledWork:
+    """The model inputs for an image: one resized uint8 input, or its tiles (cut when they are batched)."""
     policy = engine.card.input
     if policy.sizing == "resize":
-        return ResizedWork(image, policy, size)
+        return ResizedWork(image, policy, size, keep_logits)
     if size is not None and tuple(size) != image.shape[:2]:
         raise ValueError("tiled inference needs the image at its full size")
-    return TiledWork(image, policy, len(engine.card.classes))
+    return TiledWork(image, policy, len(engine.card.classes), engine.device)
+
+
+@dataclass
+class Prepared:
+    """A request's work for one model, with the memory it reserved (``Engine.release`` gives it back)."""
+
+    engine: ModelEngine
+    work: ResizedWork | TiledWork
+    spec: InstanceSpec | None  # make instances, for a model that has them
+    nbytes: int
+    prepare_s: float
+    timing: Timing = field(default_factory=Timing)
+    released: bool = False
+
+    @property
+    def card(self) -> Card:
+        return self.engine.card
 
 
 class Engine:
@@ -97,6 +113,7 @@ class Engine:
         streams: int = 1,
         max_inflight_bytes: int = 0,
         graph: str = "auto",
+        cuda_graphs: bool = True,
     ) -> None:
         self.device = device
         self.models: dict[str, ModelEngine] = {}
@@ -105,7 +122,7 @@ class Engine:
                 raise ValueError(f"two bundles are named {b.card.name!r} ({b.path})")
             dtype = resolve_dtype(precision, b.card, device)
             self.models[b.card.name] = ModelEngine(
-                b, device, dtype, max_batch, max_wait_s, queue_size, compile, streams, graph
+                b, device, dtype, max_batch, max_wait_s, queue_size, compile, streams, graph, cuda_graphs
             )
         if not self.models:
             raise ValueError("no model bundles to serve")
@@ -143,6 +160,12 @@ class Engine:
         """Why a model stopped serving (one of its workers ended), or None while all serve."""
         return next((m.failure for m in self.models.values() if m.failure is not None), None)
 
+    def gpu_memory(self) -> dict[str, tuple[int, int]]:
+        """(bytes allocated, bytes reserved) by torch on the CUDA device; empty off CUDA."""
+        if self.device.type != "cuda":
+            return {}
+        return {str(self.device): (torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device))}
+
     def get(self, name: str | None) -> ModelEngine:
         key = name or self.default_model
         try:
@@ -153,82 +176,87 @@ class Engine:
     def _retry_after_s(self) -> int:
         return max(1, min(60, math.ceil(sum(m.pending_s() for m in self.models.values()))))
 
-    async def segment(
+    # --- the three steps of a request -------------------------------------------------------------
+
+    def prepare(
         self,
         name: str | None,
         image: np.ndarray,
-        executor: concurrent.futures.Executor | None = None,
-        timeout_s: float | None = None,
         size: tuple[int, int] | None = None,
-        disconnected: Callable[[], Awaitable[bool]] | None = None,
         instances: bool = False,
-    ) -> Segmentation:
-        """Segment an (H, W[, C]) uint8 image, already in the model's channels, off the event loop.
-
-        ``size``: the (height, width) of the mask when ``image`` is a reduced copy (see ``make_plan``).
-        ``disconnected``: polled while the job waits (``request.is_disconnected``); when it says so, the job
-        is dropped and ``ClientGone`` raised. Over the memory budget: ``Overloaded`` (503) or, for an image
-        that alone would pass it, ``ImageTooLarge`` (413). ``instances``: also make the instance ids, when
-        the model's card has ``instances`` (in the executor, like the mask; their time counts as the model's).
-        """
+        extra_bytes: int = 0,
+    ) -> Prepared:
+        """Reserve what an (H, W[, C]) uint8 image, already in the model's channels, will hold, and make its work
+        (in an I/O thread: resizing is CPU work). ``size``: the (height, width) of the mask when ``image`` is a
+        reduced copy. ``instances``: also make instance ids, for a model whose card has them. ``extra_bytes``:
+        what the caller will add (its encoded answer). Over the memory budget: ``Overloaded`` (503) or, for an
+        image that alone would pass it, ``ImageTooLarge`` (413)."""
         engine = self.get(name)
         spec = engine.card.instances if instances else None
-        loop = asyncio.get_running_loop()
-        if disconnected is not None and await disconnected():  # gone while its image was being decoded
-            raise ClientGone("the client closed the connection before its prediction started")
-        nbytes = work_bytes(image, engine.card.input, len(engine.card.classes), size, spec is not None)
+        nbytes = work_bytes(image, engine.card.input, len(engine.card.classes), size, spec is not None) + extra_bytes
         self.budget.reserve(nbytes, self._retry_after_s())
         try:
             t0 = time.perf_counter()
-            work = await loop.run_in_executor(executor, make_work, engine, image, size)
-            prepare_s = time.perf_counter() - t0
-            fut = engine.submit_work(work)
-            try:
-                timing = await self._wait(fut, timeout_s, disconnected)
-            finally:
-                fut.cancel()  # a no-op once done; otherwise the job leaves the queue now
-            t0 = time.perf_counter()
-            mask, ids = await loop.run_in_executor(executor, finish_work, work, spec)
-            model_s = timing.model_s + time.perf_counter() - t0
-            del work
-        finally:
+            work = make_work(engine, image, size, keep_logits=spec is not None)
+        except BaseException:
             self.budget.release(nbytes)
-            if nbytes >= TRIM_BYTES:
-                with contextlib.suppress(RuntimeError):  # the executor is shutting down
-                    loop.run_in_executor(executor, trim_memory)
-        return Segmentation(mask, engine.name, {"prepare": prepare_s, "queue": timing.queue_s, "model": model_s}, ids)
+            raise
+        return Prepared(engine, work, spec, nbytes, time.perf_counter() - t0)
 
-    @staticmethod
-    async def _wait(
-        fut: concurrent.futures.Future[Timing],
-        timeout_s: float | None,
-        disconnected: Callable[[], Awaitable[bool]] | None,
+    async def run(
+        self,
+        prepared: Prepared,
+        timeout_s: float | None = None,
+        disconnected: Callable[[], Awaitable[bool]] | None = None,
+        background: bool = False,
     ) -> Timing:
-        loop = asyncio.get_running_loop()
-        waiting = asyncio.wrap_future(fut)
-        deadline = None if timeout_s is None else loop.time() + timeout_s
-        while True:
-            step = DISCONNECT_POLL_S if disconnected is not None else None
-            if deadline is not None:
-                left = deadline - loop.time()
-                if left <= 0:
-                    raise RequestTimeout(f"the prediction did not finish within {timeout_s:g} s")
-                step = left if step is None else min(step, left)
-            done, _ = await asyncio.wait({waiting}, timeout=step)
-            if done:
-                return waiting.result()
-            if disconnected is not None and await disconnected():
-                raise ClientGone("the client closed the connection; its prediction was dropped")
+        """Queue the work and wait for the model (on the event loop, without blocking it).
+
+        ``disconnected``: polled while the job waits (``request.is_disconnected``); when it says so, the job
+        is dropped and ``ClientGone`` raised. Past ``timeout_s``: ``RequestTimeout`` (504), the job dropped.
+        ``background``: after every interactive request (an asynchronous job's work).
+        """
+        if disconnected is not None and await disconnected():  # gone while its image was being decoded
+            raise ClientGone("the client closed the connection before its prediction started")
+        fut = prepared.engine.submit_work(prepared.work, background=background)
+        try:
+            prepared.timing = await wait_for(asyncio.wrap_future(fut), timeout_s, disconnected)
+        finally:
+            fut.cancel()  # a no-op once done; otherwise the job leaves the queue now
+        return prepared.timing
+
+    def finish(self, prepared: Prepared) -> tuple[np.ndarray, np.ndarray | None]:
+        """The (H, W) uint8 class map and, when asked for, the (H, W) int32 instance ids, on the host (in an I/O
+        thread: the copy from the device and the watershed are CPU work). Adds their time to ``post``."""
+        t0 = time.perf_counter()
+        mask = prepared.work.mask()
+        ids = instances_from_logits(prepared.work.logits(), prepared.spec) if prepared.spec is not None else None
+        prepared.timing.post_s += time.perf_counter() - t0
+        return mask, ids
+
+    def release(self, prepared: Prepared) -> None:
+        """Give back what ``prepare`` reserved (once); after a large job, hand freed memory to the system."""
+        if prepared.released:
+            return
+        prepared.released = True
+        self.budget.release(prepared.nbytes)
+        if prepared.nbytes >= TRIM_BYTES:
+            trim_memory()
+
+    # --- the three steps at once, without an event loop (tests and scripts) ------------------------
 
     def segment_sync(self, name: str | None, image: np.ndarray, instances: bool = False) -> Segmentation:
-        """The same pipeline without an event loop (for the CLI)."""
-        engine = self.get(name)
-        spec = engine.card.instances if instances else None
-        t0 = time.perf_counter()
-        work = make_work(engine, image, None)
-        prepare_s = time.perf_counter() - t0
-        timing = engine.submit_work(work).result()
-        t1 = time.perf_counter()
-        mask, ids = finish_work(work, spec)
-        model_s = timing.model_s + time.perf_counter() - t1
-        return Segmentation(mask, engine.name, {"prepare": prepare_s, "queue": timing.queue_s, "model": model_s}, ids)
+        """The same without an event loop (for tests and scripts)."""
+        prepared = self.prepare(name, image, None, instances)
+        try:
+            timing = prepared.engine.submit_work(prepared.work).result()
+            prepared.timing = timing
+            mask, ids = self.finish(prepared)
+        finally:
+            self.release(prepared)
+        return Segmentation(mask, prepared.engine.name, timings(prepared, timing), ids)
+
+
+def timings(prepared: Prepared, timing: Timing) -> dict[str, float]:
+    """A request's engine timings in seconds: prepare, queue, model (device time), post (after the model)."""
+    return {"prepare": prepared.prepare_s, "queue": timing.queue_s, "model": timing.model_s, "post": timing.post_s}

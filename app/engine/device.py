@@ -1,4 +1,5 @@
-"""Device, precision, CUDA streams and the input shapes a model is warmed up on."""
+"""Device, precision, CUDA streams and the input shapes a model is warmed up on. The device and what it runs
+natively are chosen as training chooses them (``model.device``)."""
 
 from __future__ import annotations
 
@@ -8,24 +9,20 @@ from collections.abc import Iterator
 import torch
 
 from model.bundle import DTYPES, Card, InputPolicy
+from model.device import cuda_index, device_supports, native_bf16, resolve_device
 
-
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda when available, else cpu; otherwise the named device (checked to exist)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} was requested but CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
-    elif device.type != "cpu":
-        raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
-    return device
+__all__ = [
+    "cuda_index",
+    "device_supports",
+    "input_shapes",
+    "native_bf16",
+    "new_stream",
+    "on_stream",
+    "resolve_device",
+    "resolve_dtype",
+    "stream_threads",
+    "warmup_batches",
+]
 
 
 def stream_threads(streams: int, device_type: str = "cpu") -> int:
@@ -36,38 +33,6 @@ def stream_threads(streams: int, device_type: str = "cpu") -> int:
     if streams <= 1 or device_type != "cpu":
         return 0
     return max(1, torch.get_num_threads() // streams)
-
-
-def cuda_index(device: torch.device) -> int:
-    """The CUDA device's index: ``cuda`` alone means the current device, as torch reads it."""
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether this CUDA device runs bfloat16 natively (compute capability 8.0 or later).
-
-    Not ``torch.cuda.is_bf16_supported()`` alone: by default it also counts the emulation that T4- and
-    V100-class cards offer (slower than float16), and it asks about the *current* device, not ``cuda:N``.
-    """
-    index = cuda_index(device)
-    major, _ = torch.cuda.get_device_capability(index)
-    if major < 8:
-        return False
-    with torch.cuda.device(index):
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-
-
-def device_supports(dtype: torch.dtype, device: torch.device) -> bool:
-    if dtype == torch.float32:
-        return True
-    if device.type == "cuda":
-        return dtype == torch.float16 or native_bf16(device)
-    if dtype == torch.bfloat16:
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False  # float16 autocast on CPU is slow and not what cards are checked for
 
 
 def resolve_dtype(setting: str, card: Card, device: torch.device) -> torch.dtype:

@@ -1,57 +1,34 @@
-"""A request's work for the model, made lazily, and the memory budget that bounds work in flight.
+"""A request's work for the model, made lazily and finished on the device, and the memory budget that bounds
+work in flight.
 
-A tiled image is never turned into all of its tiles at once: ``TiledWork`` keeps the decoded uint8 image,
-cuts and normalises a tile when the scheduler puts it in a batch, and adds each tile's logits into one
-accumulator as they come back. The accumulator (one float32 plane for a binary model, K otherwise) and
-the final mask (and its temporary) are the only full-size buffers besides the decoded image: 9 bytes per
-pixel for an RGB binary model, where making every tile up front took about 64.
+Inputs are uint8 until they reach the device. A resized image is one (C, size, size) input whose logits are
+upsampled to the image's size and turned into its class map on the device when they come back (``put``);
+only the (H, W) uint8 mask is copied to the host, when the answer is encoded. A tiled image is never turned
+into all of its tiles at once: ``TiledWork`` keeps the decoded uint8 image, cuts a tile when the scheduler
+puts it in a batch, and adds each tile's logits into one accumulator on the device as they come back. The
+accumulator (one float32 plane for a binary model, K otherwise) and the final mask are the only full-size
+buffers besides the decoded image: 9 bytes per pixel for an RGB binary model, where making every tile up
+front took about 64. The tiling and the arithmetic are ``model.inference``'s, so the engine's masks are
+the offline pipeline's.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import math
 import threading
-from collections.abc import Callable
-from typing import Protocol
 
 import numpy as np
 import torch
 
 from app.errors import ImageTooLarge, Overloaded
 from model.bundle import InputPolicy
-from model.inference import (
-    _BAND_PIXELS,
-    Plan,
-    blended_logits,
-    finish,
-    gaussian_window,
-    make_plan,
-    pad_tile,
-    tile_origins,
-)
+from model.inference import BAND_PIXELS, Blender, TileGrid, as_hwc, resize_argmax, resize_input, resize_logits
 
 log = logging.getLogger("unetseg.engine")
 
 # Small buffers of a job (its batch inputs and outputs, Python objects), counted once per job.
 _JOB_BYTES = 1024 * 1024
-
-
-class Work(Protocol):
-    """What the scheduler runs for one request: ``size`` inputs of one shape, each made on demand."""
-
-    size: int
-    shape: tuple[int, int, int]  # (C, h, w) of every input
-
-    def item(self, index: int) -> torch.Tensor:
-        """(C, h, w) float32: input ``index``, normalised."""
-        ...
-
-    def put(self, index: int, logits: torch.Tensor) -> None:
-        """Take the (K, h, w) float32 logits of input ``index`` (any thread; each index once)."""
-        ...
 
 
 def instance_bytes(pixels: int, classes: int) -> int:
@@ -61,7 +38,8 @@ def instance_bytes(pixels: int, classes: int) -> int:
 
 
 class TensorWork:
-    """Inputs given as one (N, C, h, w) tensor; the result is the (N, K, h, w) logits."""
+    """Inputs given as one (N, C, h, w) tensor (uint8, or float32 already normalised); the result is the
+    (N, K, h, w) float32 logits on the CPU."""
 
     def __init__(self, inputs: torch.Tensor) -> None:
         self.inputs = inputs
@@ -71,47 +49,91 @@ class TensorWork:
         self.outputs: torch.Tensor | None = None
         self._lock = threading.Lock()
 
-    def item(self, index: int) -> torch.Tensor:
-        return self.inputs[index]
+    def item(self, index: int) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        return self.inputs[index], None
 
     def put(self, index: int, logits: torch.Tensor) -> None:
         with self._lock:
             if self.outputs is None:
-                self.outputs = torch.empty((self.size, *logits.shape), dtype=logits.dtype)
-        self.outputs[index] = logits
+                self.outputs = torch.empty((self.size, *logits.shape), dtype=torch.float32)
+        self.outputs[index] = logits.cpu()
+
+
+class ResizedWork:
+    """One image resized to the model's input (``model.inference.resize_input``); its logits upsampled to the
+    image's size and turned into the class map (``resize_argmax``) on the model's device.
+
+    On a GPU that happens as the logits come back (``put``, on the worker's stream), so that only the uint8
+    mask is copied to the host. On the CPU it waits for ``mask()``, which the request's own I/O thread calls:
+    the worker, which every request shares, only runs forward passes, and the upsampling of many requests
+    runs on as many threads. ``keep_logits``: also keep the logits, for ``logits()`` (instances).
+    """
+
+    def __init__(
+        self, image: np.ndarray, policy: InputPolicy, size: tuple[int, int] | None, keep_logits: bool = False
+    ) -> None:
+        self.input = resize_input(image, policy)  # (C, size, size) uint8
+        self.size = 1
+        c, h, w = self.input.shape
+        self.shape = (int(c), int(h), int(w))
+        self.height, self.width = (int(v) for v in (size or image.shape[:2]))
+        self.keep_logits = keep_logits
+        self._mask: torch.Tensor | None = None  # (H, W) uint8 on the model's device
+        self._logits: torch.Tensor | None = None  # (K, size, size) float32 on the model's device
+
+    def item(self, index: int) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        return self.input, None
+
+    def put(self, index: int, logits: torch.Tensor) -> None:
+        if logits.is_cuda:
+            self._mask = resize_argmax(logits, self.height, self.width)
+            if self.keep_logits:
+                self._logits = logits.clone()  # a CUDA graph's output memory is reused by its next replay
+        else:
+            self._logits = logits  # a view of its batch's output, which it keeps alive
+
+    @staticmethod
+    def bytes_needed(image: np.ndarray, size: tuple[int, int] | None, classes: int) -> int:
+        """The image, the mask and the band of upsampled float32 logits ``resize_argmax`` works in."""
+        h, w = size or image.shape[:2]
+        pixels = int(h) * int(w)
+        band = min(pixels, BAND_PIXELS) * 4 * (1 if classes == 2 else classes)
+        return int(image.nbytes) + pixels + 2 * band + _JOB_BYTES
+
+    def mask(self) -> np.ndarray:
+        """(H, W) uint8 class ids on the host."""
+        if self._mask is None:
+            assert self._logits is not None, "the model has not run this work"
+            self._mask = resize_argmax(self._logits, self.height, self.width)
+        return self._mask.cpu().numpy()
+
+    def logits(self) -> torch.Tensor:
+        """(K, H, W) float32 logits upsampled to the image's size, on the host (with ``keep_logits`` on a GPU)."""
+        assert self._logits is not None, "made without keep_logits, or not run"
+        return resize_logits(self._logits, self.height, self.width).cpu()
 
 
 class TiledWork:
-    """Overlapping tiles of ``policy.size`` over an (H, W[, C]) uint8 image, blended with a Gaussian window.
+    """Overlapping tiles of ``policy.size`` over an (H, W[, C]) uint8 image (``model.inference.TileGrid``),
+    blended with a Gaussian window into an accumulator on ``device`` (``Blender``)."""
 
-    Tiles are cut, normalised and padded as ``model.inference.make_plan`` makes them (``pad_tile``), and
-    blended with the same window, so the mask is the one ``finish`` gives for the whole plan.
-    """
-
-    def __init__(self, image: np.ndarray, policy: InputPolicy, classes: int) -> None:
-        if image.ndim == 2:
-            image = image[:, :, None]
-        if image.shape[2] != policy.channels:
-            raise ValueError(f"image has {image.shape[2]} channels, the model takes {policy.channels}")
-        self.image = image  # (H, W, C) uint8, shared with the caller: never written
-        self.height, self.width = int(image.shape[0]), int(image.shape[1])
-        t = policy.size
-        self.tile = t
-        self.shape = (policy.channels, t, t)
-        self.origins = [
-            (y, x)
-            for y in tile_origins(self.height, t, policy.overlap)
-            for x in tile_origins(self.width, t, policy.overlap)
-        ]
-        self.size = len(self.origins)
-        self.mean = torch.tensor(policy.mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(policy.std, dtype=torch.float32).view(-1, 1, 1)
-        self.window = gaussian_window(t, t)
-        # A binary model needs only the difference of its two logits: class 1 wins where the blended
-        # difference is > 0, as the argmax of both blended logits would say (the weights are > 0).
-        self.binary = classes == 2
-        self.acc = torch.zeros(1 if self.binary else classes, self.height, self.width)  # (K', H, W)
+    def __init__(
+        self, image: np.ndarray, policy: InputPolicy, classes: int, device: torch.device | str = "cpu"
+    ) -> None:
+        self.image = as_hwc(image, policy)  # (H, W, C) uint8, shared with the caller: never written
+        self.height, self.width = int(self.image.shape[0]), int(self.image.shape[1])
+        self.grid = TileGrid(self.height, self.width, policy)
+        self.tile = policy.size
+        self.shape = (policy.channels, policy.size, policy.size)
+        self.size = len(self.grid)
+        self.blender = Blender(self.grid, classes, device)
+        if self.blender.acc.is_cuda:  # zeroed on this thread's stream; the worker adds on its own
+            torch.cuda.current_stream(self.blender.acc.device).synchronize()
         self._lock = threading.Lock()  # tiles overlap: workers on several streams add into the same pixels
+
+    @property
+    def origins(self) -> list[tuple[int, int]]:
+        return self.grid.origins
 
     @staticmethod
     def bytes_needed(height: int, width: int, channels: int, classes: int) -> int:
@@ -119,63 +141,21 @@ class TiledWork:
         planes = 1 if classes == 2 else classes
         return height * width * (channels + 4 * planes + 2) + _JOB_BYTES
 
-    def _valid(self, index: int) -> tuple[int, int, int, int]:
-        y, x = self.origins[index]
-        return y, x, min(self.tile, self.height - y), min(self.tile, self.width - x)
-
-    def item(self, index: int) -> torch.Tensor:
-        y, x, h, w = self._valid(index)
-        crop = np.ascontiguousarray(self.image[y : y + h, x : x + w])
-        tile = torch.from_numpy(crop).permute(2, 0, 1).float().div_(255.0).sub_(self.mean).div_(self.std)
-        return pad_tile(tile, self.tile)
+    def item(self, index: int) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        tile, valid = self.grid.cut(self.image, index)
+        return tile, (None if valid == (self.tile, self.tile) else valid)
 
     def put(self, index: int, logits: torch.Tensor) -> None:
-        y, x, h, w = self._valid(index)
-        part = logits[1:2] - logits[0:1] if self.binary else logits
-        weighted = part[:, :h, :w] * self.window[:h, :w]
         with self._lock:
-            self.acc[:, y : y + h, x : x + w].add_(weighted)
+            self.blender.add(index, logits)
 
     def mask(self) -> np.ndarray:
-        """(H, W) uint8 class ids, once every tile is in."""
-        if self.binary:
-            return (self.acc[0] > 0).numpy().astype(np.uint8)
-        return self.acc.argmax(0).to(torch.uint8).numpy()
+        """(H, W) uint8 class ids on the host, once every tile is in."""
+        return self.blender.mask().cpu().numpy()
 
     def logits(self) -> torch.Tensor:
-        """(K, H, W) float32 blended logits at the image's size (the weighted mean of the tiles'), once every
-        tile is in. A binary model's come back as (0, class 1 minus class 0): the same argmax and softmax."""
-        weight = torch.zeros(self.height, self.width)
-        for index in range(self.size):
-            y, x, h, w = self._valid(index)
-            weight[y : y + h, x : x + w].add_(self.window[:h, :w])
-        mean = self.acc / weight
-        return torch.cat([torch.zeros_like(mean), mean]) if self.binary else mean
-
-
-class ResizedWork(TensorWork):
-    """One resized input (``make_plan``); its logits are upsampled to the image's size in bands."""
-
-    def __init__(self, image: np.ndarray, policy: InputPolicy, size: tuple[int, int] | None) -> None:
-        self.plan: Plan = make_plan(image, policy, size)
-        super().__init__(self.plan.inputs)
-
-    @staticmethod
-    def bytes_needed(image: np.ndarray, size: tuple[int, int] | None, classes: int) -> int:
-        """The image, the mask and the band of upsampled float32 logits ``finish`` works in."""
-        h, w = size or image.shape[:2]
-        pixels = int(h) * int(w)
-        band = min(pixels, _BAND_PIXELS) * 4 * (1 if classes == 2 else classes)
-        return int(image.nbytes) + pixels + 2 * band + _JOB_BYTES
-
-    def mask(self) -> np.ndarray:
-        assert self.outputs is not None
-        return finish(self.plan, self.outputs)
-
-    def logits(self) -> torch.Tensor:
-        """(K, H, W) float32 logits upsampled to the image's size."""
-        assert self.outputs is not None
-        return blended_logits(self.plan, self.outputs)
+        """(K, H, W) float32 blended logits at the image's size on the host, once every tile is in."""
+        return self.blender.logits().cpu()
 
 
 def work_bytes(
@@ -228,31 +208,3 @@ class MemoryBudget:
 
 # Jobs at least this large hand their freed memory back to the system when they end.
 TRIM_BYTES = 64 * 1024 * 1024
-
-
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        fn = ctypes.CDLL(name).malloc_trim  # glibc only
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    trim: Callable[[int], int] = fn
-    return trim
-
-
-_malloc_trim = _load_malloc_trim()
-
-
-def trim_memory() -> bool:
-    """Return freed heap memory to the system (glibc ``malloc_trim``); False where there is none.
-
-    Without it the many tile-sized blocks a large job frees stay in the process's heap (resident) until
-    the allocator happens to reuse them.
-    """
-    if _malloc_trim is None:
-        return False
-    return bool(_malloc_trim(0))

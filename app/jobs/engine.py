@@ -1,9 +1,9 @@
-"""The jobs' one door into the engine: every call jobs make into ``app.engine`` (and the predict pipeline) is here.
+"""The jobs' one door into inference: every call jobs make into the models (and the predict pipeline) is here.
 
-Jobs run through the same engine as interactive predictions, with the same memory budget (each region is
-one ``segment`` call and reserves what it holds) and the same fair scheduler, which puts a small request
-ahead of a large job's remaining tiles. When the engine gains a lower priority for background work, it is
-passed in ``segment_region`` and ``segment_image_bytes`` below, and nowhere else.
+Jobs use the same inference as interactive predictions, in this process or in the engine process that
+``unetseg serve --workers`` front ends share, with the same memory budget (each region is one call and
+reserves what it holds), as background work: a model's batches take job inputs only when no interactive
+request waits. Nothing here imports torch, except ``open_engine`` (``unetseg segment SLIDE``).
 """
 
 from __future__ import annotations
@@ -11,31 +11,36 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 from app.config import Settings
-from app.engine import Engine, resolve_device
-from app.engine.work import trim_memory
 from app.errors import Overloaded
-from app.imaging import Decoded
-from app.segment.pipeline import segment_image
-from model.bundle import Card, load_bundle
-from model.inference import tile_origins
+from app.heap import trim_memory
+from app.inference import Inference
+from app.pipeline import Answer, Ask, predict, segment
+from model.card import Card
+from model.pixels import tile_origins
+
+if TYPE_CHECKING:
+    from app.engine import Engine
 
 log = logging.getLogger("unetseg.jobs")
+T = TypeVar("T")
 
-# Longest wait before a region refused for lack of room (queue or memory budget) is tried again.
+# Longest wait before work refused for lack of room (queue or memory budget) is tried again.
 MAX_BACKOFF_S = 5.0
 
 
-def model_card(engine: Engine, name: str | None) -> Card:
+def model_card(engine: Inference, name: str | None) -> Card:
     """The card of the model ``name`` (the default when None); ``UnknownModel`` (404) when not loaded."""
     return engine.get(name).card
 
 
-def model_name(engine: Engine, name: str | None) -> str:
+def model_name(engine: Inference, name: str | None) -> str:
     return engine.get(name).name
 
 
@@ -49,60 +54,49 @@ def tiles_for(card: Card, height: int, width: int) -> int:
     )
 
 
+async def _with_room(attempt: Callable[[], Awaitable[T]]) -> T:
+    """``attempt()``, tried again with a growing pause while the engine has no room (its queue full, or the
+    memory budget held by others); no time limit: a job waits as long as it takes."""
+    backoff = 0.1
+    while True:
+        try:
+            return await attempt()
+        except Overloaded as exc:
+            wait = min(MAX_BACKOFF_S, backoff, float(exc.headers.get("Retry-After", "1")))
+            log.debug("job work waits %.1f s: %s", wait, exc.detail)
+            await asyncio.sleep(wait)
+            backoff = min(MAX_BACKOFF_S, backoff * 2)
+
+
 async def segment_region(
-    engine: Engine,
+    engine: Inference,
     name: str,
     region: np.ndarray,
     executor: concurrent.futures.Executor | None,
     instances: bool,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(H, W, C) uint8 region in the model's channels -> (H, W) uint8 class ids and, with ``instances`` (for
-    a model with instances), (H, W) int32 instance ids 0..N. No time limit: a job waits as long as it takes.
-    While the engine has no room (its queue full, or the memory budget held by others) the region waits and
-    is tried again; a region that alone is over the budget raises ``ImageTooLarge``."""
-    backoff = 0.1
-    while True:
-        try:
-            # Here the engine's lower priority for job work goes, once it has one.
-            seg = await engine.segment(name, region, executor, timeout_s=None, instances=instances)
-        except Overloaded as exc:
-            wait = min(MAX_BACKOFF_S, backoff, float(exc.headers.get("Retry-After", "1")))
-            log.debug("region waits %.1f s: %s", wait, exc.detail)
-            await asyncio.sleep(wait)
-            backoff = min(MAX_BACKOFF_S, backoff * 2)
-            continue
-        return seg.mask, seg.instances
+    a model with instances), (H, W) int32 instance ids 0..N. A region that alone is over the memory budget
+    raises ``ImageTooLarge``."""
+    mask, ids, _ = await _with_room(lambda: segment(engine, name, region, executor, instances, background=True))
+    return mask, ids
 
 
-async def segment_image_bytes(
-    engine: Engine,
-    name: str,
-    data: bytes,
-    max_pixels: int,
-    executor: concurrent.futures.Executor | None,
-    full_image: bool,
-    instances: bool,
-) -> tuple[Decoded, np.ndarray, np.ndarray | None, dict[str, float]]:
-    """An image job: the predict pipeline (decode, segment) without its time limit, waiting while the engine
-    has no room. Returns the decoded image, the class ids, the instance ids (or None) and the timings."""
-    backoff = 0.1
-    while True:
-        try:
-            # Here too: the engine's lower priority for job work, once it has one.
-            decoded, seg = await segment_image(
-                engine, name, data, max_pixels, executor, full_image=full_image, instances=instances
-            )
-        except Overloaded:
-            await asyncio.sleep(backoff)
-            backoff = min(MAX_BACKOFF_S, backoff * 2)
-            continue
-        return decoded, seg.mask, seg.instances, seg.timings
+async def predict_bytes(
+    engine: Inference, ask: Ask, data: bytes, max_pixels: int, executor: concurrent.futures.Executor | None
+) -> Answer:
+    """An image job: what ``POST /v1/predict`` answers for ``data``, without its time limit, as background work."""
+    return await _with_room(lambda: predict(engine, ask, data, max_pixels, executor, background=True))
 
 
 def open_engine(bundle: Path, settings: Settings) -> Engine:
-    """An engine for one bundle in this process (``unetseg segment SLIDE``), started without warm-up. On the
-    CPU it runs one single-thread stream per core, as the bulk job's does: a job keeps the model busy."""
+    """An engine for one bundle in this process (``unetseg segment SLIDE``). On the CPU it runs one
+    single-thread stream per core, as the bulk job's does: a job keeps the model busy. It warms up only to
+    measure its batch limit (``UNETSEG_MAX_BATCH=0``)."""
     import os
+
+    from app.engine import Engine, resolve_device
+    from model.bundle import load_bundle
 
     loaded = load_bundle(bundle)
     device = resolve_device(settings.device)
@@ -115,9 +109,10 @@ def open_engine(bundle: Path, settings: Settings) -> Engine:
         max_wait_s=settings.max_wait_ms / 1000,
         streams=streams,
         graph=settings.graph,
+        cuda_graphs=settings.cuda_graphs,
         max_inflight_bytes=settings.max_inflight_mb * 1024 * 1024,
     )
-    engine.start(warmup=False)
+    engine.start(warmup=settings.max_batch == 0)
     return engine
 
 

@@ -26,7 +26,7 @@ from typing import IO, Any
 from app.config import Settings
 from app.jobs import engine as adapter
 from app.jobs.pipeline import OUT, SLIDE_RESULTS, SlideParams, run_slide
-from model.bundle import read_card
+from model.card import read_card
 
 SLIDE_SUFFIXES = frozenset({".tif", ".tiff", ".btf", ".tf8", ".svs", ".ome.tif", ".ome.tiff"})
 # where each result goes: DST/<name><suffix>

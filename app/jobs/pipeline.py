@@ -34,19 +34,11 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.measure import find_contours
 
-from app.imaging import (
-    Decoded,
-    encode_instances_png,
-    encode_mask_png,
-    encode_overlay_png,
-    instance_summary,
-    mask_summary,
-)
 from app.jobs.slide import TILE, Level, Slide, palette, to_model_input, write_pyramid
 from app.jobs.stitch import Region, core_of, instance_stats, match, merge, region_grid, table_rows
 from app.jobs.store import write_done
-from app.schemas import Prediction
-from model.bundle import Card
+from app.pipeline import Answer
+from model.card import Card
 
 REGIONS = "regions"
 OUT = "out"
@@ -369,52 +361,14 @@ IMAGE_RESULTS = {
     "instances": ("result.png", "image/png"),
     "json": ("result.json", "application/json"),
 }
-SegmentBytesFn = Callable[
-    [bytes, bool, bool], Awaitable[tuple[Decoded, np.ndarray, np.ndarray | None, dict[str, float]]]
-]
-
-
-def encode_image_result(
-    fmt: str, card: Card, decoded: Decoded, mask: np.ndarray, ids: np.ndarray | None, alpha: float, level: int
-) -> tuple[bytes, dict[str, Any]]:
-    """What ``POST /v1/predict`` answers for this format, and the job's info (size, instance count)."""
-    colors = [c.color for c in card.classes]
-    info: dict[str, Any] = {"width": decoded.width, "height": decoded.height}
-    if fmt == "png":
-        return encode_mask_png(mask, colors, level), info
-    if fmt == "overlay":
-        return encode_overlay_png(decoded.rgb, mask, colors, alpha, level), info
-    if fmt == "instances":
-        assert ids is not None
-        png, count = encode_instances_png(ids, level)
-        return png, {**info, "count": count}
-    extra: dict[str, Any] = {}
-    if card.instances is not None and ids is not None:
-        found = instance_summary(ids, card.instances.interior)
-        extra = {"count": len(found), "instances": found}
-        info["count"] = len(found)
-    body = Prediction.model_validate(
-        {
-            "model": card.name,
-            "version": card.version,
-            "width": decoded.width,
-            "height": decoded.height,
-            "classes": mask_summary(mask, [(c.id, c.name) for c in card.classes]),
-            **extra,
-            "timings_ms": {},
-        }
-    )
-    return json.dumps(body.model_dump(mode="json", exclude_unset=True)).encode(), info
+PredictFn = Callable[[bytes], Awaitable[Answer]]
 
 
 async def run_image(
     source: Path,
     work: Path,
-    card: Card,
     fmt: str,
-    alpha: float,
-    compress_level: int,
-    segment: SegmentBytesFn,
+    predict: PredictFn,
     executor: concurrent.futures.Executor | None,
     save: SaveFn,
 ) -> dict[str, Any]:
@@ -422,20 +376,17 @@ async def run_image(
     loop = asyncio.get_running_loop()
     data = await loop.run_in_executor(executor, source.read_bytes)
     t0 = time.perf_counter()
-    wants_ids = fmt in ("json", "instances") and card.instances is not None
-    decoded, mask, ids, timings = await segment(data, fmt == "overlay", wants_ids)
+    answer = await predict(data)
     del data
-    t1 = time.perf_counter()
-    body, info = await loop.run_in_executor(
-        executor, encode_image_result, fmt, card, decoded, mask, ids, alpha, compress_level
-    )
     name = IMAGE_RESULTS[fmt][0]
     with atomic(work / OUT / name) as f:
-        f.write(body)
+        f.write(answer.body)
     await save(f"{OUT}/{name}")
+    info: dict[str, Any] = {"width": answer.width, "height": answer.height}
+    if answer.instances is not None:
+        info["count"] = answer.instances
     info["timings_s"] = {
-        "segment": round(t1 - t0, 3),
-        "model": round(timings.get("model", 0.0), 3),
-        "encode": round(time.perf_counter() - t1, 3),
+        "segment": round(time.perf_counter() - t0, 3),
+        **{k: round(v, 3) for k, v in answer.timings.items()},
     }
     return info

@@ -39,6 +39,7 @@ from app.errors import ServiceError
 from app.jobs import engine as adapter
 from app.jobs.pipeline import IMAGE_RESULTS, INPUT, OUT, SLIDE_RESULTS, SlideParams, run_image, run_slide
 from app.jobs.store import ORPHAN_GRACE_S, Job, JobFiles, JobStore, open_job_files, owner_token
+from app.pipeline import Ask
 from app.state import AppState
 
 log = logging.getLogger("unetseg.jobs")
@@ -256,16 +257,17 @@ class JobRunner:
             await loop.run_in_executor(executor, files.save, job.id, rel)
 
         if job.kind == "image":
+            ask = Ask(
+                card.name,
+                job.format,  # type: ignore[arg-type]
+                float(job.params.get("alpha", 0.5)),
+                self.settings.png_compress_level,
+            )
             return await run_image(
                 work / INPUT,
                 work,
-                card,
                 job.format,
-                float(job.params.get("alpha", 0.5)),
-                self.settings.png_compress_level,
-                lambda data, full, ids: adapter.segment_image_bytes(
-                    engine, card.name, data, self.settings.max_pixels, executor, full, ids
-                ),
+                lambda data: adapter.predict_bytes(engine, ask, data, self.settings.max_pixels, executor),
                 executor,
                 save,
             )

@@ -108,7 +108,7 @@ class _Replica:
         now = time.monotonic()
         stall_s = state.settings.request_timeout_s
         for name, model in state.engine.models.items():
-            batches, waiting = model.stats.batches, model.queue_depth
+            batches, waiting = sum(model.batch_counts().values()), model.queue_depth
             seen = self._progress.get(name)
             if seen is None or seen[0] != batches or waiting == 0:
                 self._progress[name] = (batches, now)

@@ -18,6 +18,14 @@ from fastapi.staticfiles import StaticFiles
 
 ASSETS_DIR = Path(fastapi_offline.__file__).resolve().parent / "static"
 ASSETS_URL = "/docs/assets"
+# ReDoc's sidebar shows an image from cdn.redoc.ly, which no option turns off: the page forbids every fetch
+# outside the service instead (the image then hides itself). ReDoc needs inline styles (styled-components)
+# and a worker from a blob: URL for its search.
+REDOC_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
+    "worker-src 'self' blob:; connect-src 'self'; font-src 'self' data:; object-src 'none'; base-uri 'none'; "
+    "frame-ancestors 'none'"
+)
 
 
 def install(app: FastAPI) -> None:
@@ -40,13 +48,15 @@ def install(app: FastAPI) -> None:
 
     def redoc(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
-        return get_redoc_html(
+        page = get_redoc_html(
             openapi_url=root + openapi_url,
             title=f"{app.title} - ReDoc",
             redoc_js_url=f"{root}{ASSETS_URL}/redoc.standalone.js",
             redoc_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
             with_google_fonts=False,
         )
+        page.headers["Content-Security-Policy"] = REDOC_CSP
+        return page
 
     app.add_api_route("/docs", swagger_ui, methods=["GET"], include_in_schema=False)
     app.add_api_route("/redoc", redoc, methods=["GET"], include_in_schema=False)

@@ -43,7 +43,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         "'upload_id', not both\"), or, for a malformed parameter, the list of field errors below."
     },
     503: _error(
-        "Models still loading, or the model's queue is full (see Retry-After).",
+        "Models still loading, the model's queue is full, or the upload store is unreachable (see Retry-After).",
         "model 'polyp' has 64 requests waiting; retry shortly",
         headers=RETRY_AFTER,
     ),

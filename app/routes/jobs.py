@@ -42,7 +42,7 @@ from app.jobs.store import ACTIVE, Job, new_job_id
 from app.routes.bodies import FORM_TYPES, PREDICT_BODY, _missing, _present, is_raw, media_type
 from app.routes.errors import ERRORS, RETRY_AFTER, _error
 from app.store import UploadStore
-from model.bundle import SlideSpec
+from model.card import SlideSpec
 
 router = APIRouter(tags=["jobs"], route_class=KeyCheckedRoute)
 

@@ -7,23 +7,24 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 
 from app.deps import EngineDep, KeyCheckedRoute
-from app.engine import ModelEngine
+from app.inference import ModelInfo
 from app.routes.errors import ERRORS
 from app.schemas import ClassOut, DatasetOut, InputPolicyOut, InstancesOut, ModelList, ModelOut
 
 router = APIRouter(tags=["models"], route_class=KeyCheckedRoute)
 
 
-def describe(m: ModelEngine, default: bool) -> ModelOut:
+def describe(m: ModelInfo, default: bool) -> ModelOut:
     c = m.card
     return ModelOut(
         name=c.name,
         version=c.version,
         description=c.description,
         default=default,
-        device=str(m.device),
-        precision=str(m.dtype).removeprefix("torch."),
+        device=m.device_name,
+        precision=m.precision,
         graph=m.graph,
+        max_batch=m.max_batch,
         classes=[ClassOut(id=k.id, name=k.name, color=k.color) for k in c.classes],
         input=InputPolicyOut(
             channels=c.input.channels,
@@ -58,7 +59,7 @@ def describe(m: ModelEngine, default: bool) -> ModelOut:
     "instances.",
     responses={k: ERRORS[k] for k in (401, 503)},
 )
-def list_models(engine: EngineDep) -> ModelList:
+async def list_models(engine: EngineDep) -> ModelList:
     return ModelList(
         default_model=engine.default_model,
         models=[describe(m, name == engine.default_model) for name, m in engine.models.items()],
@@ -72,7 +73,7 @@ def list_models(engine: EngineDep) -> ModelList:
     response_model=ModelOut,
     responses={k: ERRORS[k] for k in (401, 404, 503)},
 )
-def get_model(
+async def get_model(
     name: Annotated[str, Path(description="The model's name, as listed by `GET /v1/models`.", examples=["polyp"])],
     engine: EngineDep,
 ) -> ModelOut:

@@ -45,7 +45,7 @@ def to_out(u: Upload) -> UploadOut:
     openapi_extra={"requestBody": UPLOAD_BODY},
     responses={
         200: {"model": UploadOut, "description": "The same bytes were already stored."},
-        **{k: ERRORS[k] for k in (400, 401, 413, 415, 422)},
+        **{k: ERRORS[k] for k in (400, 401, 413, 415, 422, 503)},
     },
 )
 async def create_upload(
@@ -56,9 +56,7 @@ async def create_upload(
     data = await read_image(request, state.settings.max_upload_bytes)
     loop = asyncio.get_running_loop()
     decoded = await loop.run_in_executor(state.executor, decode, data, state.settings.max_pixels)
-    upload, created = await loop.run_in_executor(
-        state.executor, store.put, data, decoded.width, decoded.height, decoded.format
-    )
+    upload, created = await state.gate().run(store.put, data, decoded.width, decoded.height, decoded.format)
     body = to_out(upload).model_dump(mode="json")
     return JSONResponse(body, status_code=201 if created else 200, headers={"Location": f"/v1/uploads/{upload.id}"})
 
@@ -68,16 +66,17 @@ async def create_upload(
     summary="List uploads",
     response_model=UploadList,
     description="Newest first, with the store's totals, quota and retention.",
-    responses={k: ERRORS[k] for k in (401,)},
+    responses={k: ERRORS[k] for k in (401, 503)},
 )
-def list_uploads(
+async def list_uploads(
+    state: StateDep,
     store: StoreDep,
     limit: Annotated[int, Query(ge=1, le=1000, description="Most uploads to list.", examples=[100])] = 100,
     offset: Annotated[int, Query(ge=0, le=SQLITE_MAX_INT, description="Uploads to skip.", examples=[0])] = 0,
 ) -> UploadList:
-    stats = store.stats()
+    stats, recent = await state.gate().run(lambda: (store.stats(), store.recent(limit, offset)))
     return UploadList(
-        items=[to_out(u) for u in store.recent(limit, offset)],
+        items=[to_out(u) for u in recent],
         count=stats.count,
         total_bytes=stats.bytes,
         max_bytes=stats.max_bytes,
@@ -90,10 +89,10 @@ def list_uploads(
     summary="Describe an upload",
     description="The stored upload's metadata. Unknown and malformed ids are 404.",
     response_model=UploadOut,
-    responses={k: ERRORS[k] for k in (401, 404)},
+    responses={k: ERRORS[k] for k in (401, 404, 503)},
 )
-def get_upload(upload_id: UploadId, store: StoreDep) -> UploadOut:
-    upload = store.get(upload_id)
+async def get_upload(upload_id: UploadId, state: StateDep, store: StoreDep) -> UploadOut:
+    upload = await state.gate().run(store.describe, upload_id)
     if upload is None:
         raise UnknownUpload(f"no upload with id {upload_id!r}")
     return to_out(upload)
@@ -104,9 +103,9 @@ def get_upload(upload_id: UploadId, store: StoreDep) -> UploadOut:
     summary="Delete an upload",
     description="Remove the upload's file and its metadata. Unknown and malformed ids are 404.",
     status_code=204,
-    responses={k: ERRORS[k] for k in (401, 404)},
+    responses={k: ERRORS[k] for k in (401, 404, 503)},
 )
-def delete_upload(upload_id: UploadId, store: StoreDep) -> Response:
-    if not store.delete(upload_id):
+async def delete_upload(upload_id: UploadId, state: StateDep, store: StoreDep) -> Response:
+    if not await state.gate().run(store.delete, upload_id):
         raise UnknownUpload(f"no upload with id {upload_id!r}")
     return Response(status_code=204)

@@ -46,7 +46,7 @@ def metrics(request: Request) -> Response:
 
 def install(app: FastAPI) -> None:
     """Add ``/``, ``/static/...`` and ``/metrics`` to the app itself (outside the key-checked ``/v1``)."""
-    app.add_api_route("/", page, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/", page, methods=["GET", "HEAD"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_api_route(
         "/metrics",

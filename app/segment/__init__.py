@@ -8,7 +8,7 @@ service is, into pyramidal TIFFs of class and instance ids, per-class areas, an 
 (``app.jobs.local``; resumable too).
 
 Each image ``SRC/a/b.jpg`` gets ``DST/a/b.png``: the same palette PNG that ``POST /v1/predict`` returns for
-that image, made by the same function (``segment_image``). ``DST/summary.csv`` has one row per image: its
+that image, made by the same pipeline (``app.pipeline``). ``DST/summary.csv`` has one row per image: its
 size, the pixel count and fraction of every class and, for a model with instances, the instance count (kept in
 a text chunk of the mask, for reruns), or the error that kept it from being segmented.
 
@@ -36,13 +36,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from app.config import Settings
-from app.segment.output import SUMMARY, Progress, read_mask, remove_partial, write_atomic, write_summary
-from app.segment.pipeline import Options, Outcome, Segmenter, ray_outcomes, segment_image
-from app.segment.sources import mask_path, open_source
-from model.bundle import discover, read_card
+from app.config import Settings, load_settings
+from app.segment.output import (
+    SUMMARY,
+    Progress,
+    read_mask,
+    read_owners,
+    remove_partial,
+    shown,
+    write_atomic,
+    write_summary,
+)
+from app.segment.pipeline import Options, Outcome, Segmenter, ray_outcomes
+from app.segment.sources import FolderSource, mask_path, open_source
+from model.bundle import Card, discover, read_card
 
-__all__ = ["SUMMARY", "Report", "find_bundle", "main", "run", "segment_image"]
+__all__ = ["SUMMARY", "Report", "find_bundle", "main", "run"]
 
 
 @dataclass
@@ -51,6 +60,7 @@ class Report:
     skipped: int = 0  # masks already there
     written: int = 0
     errors: list[Outcome] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # named like images, not regular files
     done: int = 0  # images this run segmented or failed on
     seconds: float = 0.0  # from loading the model (and starting Ray) to the last mask written
     first_s: float = 0.0  # from the same start to when a worker finished the first image
@@ -76,7 +86,32 @@ def find_bundle(model: str, weights_dir: Path) -> Path:
     for folder in discover(weights_dir):
         if read_card(folder).name == model:
             return folder
-    raise ValueError(f"no bundle named {model!r} in {weights_dir} (give a name there or a bundle folder)")
+    raise ValueError(
+        f"no bundle named {model!r} in {weights_dir}: give the folder of bundles with --weights-dir "
+        "(or UNETSEG_WEIGHTS_DIR), or a bundle folder as --model"
+    )
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.walk's surrogates for bytes that are not UTF-8
+        return False
+    return True
+
+
+_AN_INPUT = object()  # a mask path that is one of the images themselves
+
+
+def _existing(path: Path, card: Card, inputs: frozenset[tuple[int, int]]) -> Outcome | object | None:
+    """What is at a mask's path: ``_AN_INPUT`` (never written over), a mask of this model's, or None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if (st.st_dev, st.st_ino) in inputs:  # the same file as an image, by another path or a hard link
+        return _AN_INPUT
+    return read_mask(path, card)
 
 
 def run(
@@ -96,29 +131,60 @@ def run(
     remove_partial(dst)
     report = Report()
     rows: dict[str, Outcome] = {}
-    targets: dict[str, str] = {}  # image -> its mask's relative path
-    claimed: dict[str, str] = {}  # mask -> the image it belongs to
-    for rel in source.list():
+    inputs: frozenset[tuple[int, int]] = frozenset()
+    if isinstance(source, FolderSource):
+        listing = source.scan()
+        listed, report.ignored, inputs = listing.images, listing.ignored, listing.inodes
+    else:
+        listed = source.list()
+    by_mask: dict[str, list[str]] = {}  # mask -> the images that would have it, sorted
+    for rel in listed:
         report.images += 1
         target = mask_path(rel)
         if target is None:
             rows[rel] = Outcome(rel, b"", error="the path has an empty, '.' or '..' part: it cannot be mirrored in DST")
-        elif target in claimed:
-            rows[rel] = Outcome(rel, b"", error=f"{claimed[target]} has the same mask path {target}")
         else:
-            claimed[target] = rel
-            targets[rel] = target
-    report.errors = [o for o in rows.values() if o.error]
-    # Masks already there are skipped; reading them back (in parallel) keeps their summary rows.
+            by_mask.setdefault(target, []).append(rel)
+    # Masks already there are read back (in parallel) to keep their summary rows; the last summary says
+    # which image each was made from.
+    owners = read_owners(dst)
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        existing = pool.map(lambda rel: read_mask(dst / targets[rel], card), targets)
-        todo = []
-        for rel, found in zip(targets, existing, strict=True):
-            if found is None:
-                todo.append(rel)
-            else:
-                rows[rel] = Outcome(rel, b"", found.width, found.height, found.counts, instances=found.instances)
-                report.skipped += 1
+        found = dict(zip(by_mask, pool.map(lambda t: _existing(dst / t, card, inputs), by_mask), strict=True))
+    targets: dict[str, str] = {}  # image -> its mask's relative path
+    todo = []
+    for target, rels in by_mask.items():
+        existing = found[target]
+        if existing is _AN_INPUT:
+            for rel in rels:
+                rows[rel] = Outcome(rel, b"", error=f"its mask path {target} in DST is one of the images")
+            continue
+        owner = rels[0]
+        made_from = owners.get(target)  # None: a mask no summary lists (its run was killed)
+        if isinstance(existing, Outcome):
+            if made_from in rels:
+                owner = made_from  # the image it was made from keeps it
+            elif made_from is None and len(rels) > 1:
+                names = ", ".join(rels)  # which of them it was made from is unknown: none gets it
+                for rel in rels:
+                    rows[rel] = Outcome(rel, b"", error=f"{names} have the same mask path {target}; rename all but one")
+                continue
+        for rel in rels:
+            if rel != owner:
+                rows[rel] = Outcome(rel, b"", error=f"{owner} has the same mask path {target}")
+        targets[owner] = target
+        if isinstance(existing, Outcome) and made_from in (owner, None):
+            rows[owner] = Outcome(
+                owner, b"", existing.width, existing.height, existing.counts, instances=existing.instances
+            )
+            report.skipped += 1
+        else:
+            todo.append(owner)  # no mask yet, or one made from an image that is gone: made (again)
+    todo.sort()
+    if use_ray:  # Ray Data's tables hold text as UTF-8: a name that is not cannot go through them
+        for rel in [r for r in todo if not _utf8(r)]:
+            todo.remove(rel)
+            rows[rel] = Outcome(rel, b"", error="its name is not UTF-8, which --ray cannot pass on; run without --ray")
+    report.errors = sorted((o for o in rows.values() if o.error), key=lambda o: o.path)
     bar = Progress(len(todo), progress) if progress is not None and todo else None
     options = Options.from_settings(bundle, settings)
     t0 = time.time()
@@ -134,10 +200,14 @@ def run(
                 stack.callback(segmenter.close)
                 outcomes = segmenter.run(todo)
             for o in outcomes:
+                if not o.error:
+                    try:
+                        write_atomic(dst / targets[o.path], o.png)
+                    except OSError as exc:  # a full disk, a name the file system refuses: this image's
+                        o = Outcome(o.path, b"", error=f"cannot write its mask: {exc}", finished=o.finished)
                 if o.error:
                     report.errors.append(o)
                 else:
-                    write_atomic(dst / targets[o.path], o.png)
                     report.written += 1
                 rows[o.path] = Outcome(o.path, b"", o.width, o.height, o.counts, o.error, o.instances)
                 report.done += 1
@@ -155,7 +225,7 @@ def run(
 
 
 def main(argv: Sequence[str]) -> int:
-    defaults = Settings()
+    defaults = load_settings()
     p = argparse.ArgumentParser(
         prog="unetseg segment",
         description="Segment every image under a folder or s3:// prefix into DST (masks + summary.csv); resumable.",
@@ -170,7 +240,12 @@ def main(argv: Sequence[str]) -> int:
     )
     p.add_argument("--level", type=int, help="a slide's pyramid level to segment (default: full resolution)")
     p.add_argument("--model", default=defaults.default_model, help="model name in --weights-dir, or a bundle folder")
-    p.add_argument("--weights-dir", type=Path, default=defaults.weights_dir)
+    p.add_argument(
+        "--weights-dir",
+        type=Path,
+        default=defaults.weights_dir,
+        help="folder of model bundles (default: UNETSEG_WEIGHTS_DIR, else ./weights, else the shipped bundles)",
+    )
     p.add_argument("--device", help="overrides UNETSEG_DEVICE (in every Ray actor too)")
     p.add_argument(
         "--ray", action="store_true", help="run on Ray Data (a local instance, or the cluster at --ray-address)"
@@ -209,10 +284,12 @@ def main(argv: Sequence[str]) -> int:
         extra = {"ray": "--ray needs the ray extra: pip install 'unetseg[ray]'", "boto3": "s3:// needs boto3"}
         print(f"unetseg segment: {extra.get(str(exc.name).split('.')[0], exc)}", file=sys.stderr)
         return 2
+    for rel, why in report.ignored:
+        print(shown(f"{rel}: skipped, {why}"), file=sys.stderr)
     for o in report.errors:
-        print(f"{o.path}: {o.error}", file=sys.stderr)
+        print(shown(f"{o.path}: {o.error}"), file=sys.stderr)
     print(
         f"{report.images} images: {report.written} masks written, {report.skipped} already there, "
-        f"{len(report.errors)} errors ({report.images_per_s:.1f} images/s); summary in {args.dst / SUMMARY}"
+        f"{len(report.errors)} errors ({report.images_per_s:.1f} images/s); summary in {shown(args.dst / SUMMARY)}"
     )
     return 1 if report.errors else 0

@@ -19,13 +19,25 @@ from app.segment.sources import mask_path
 from model.bundle import Card
 
 SUMMARY = "summary.csv"
-_PART = ".part"  # temporary masks: ".<name>.<random>.part" beside the mask they become
+_PART = ".part"  # temporary masks: ".<random>.part" beside the mask they become
+
+
+def fs_bytes(name: str) -> bytes:
+    """A path as the file system holds it: names that are not UTF-8 (``os.walk`` gives them as surrogates)
+    get their original bytes back."""
+    return name.encode("utf-8", "surrogateescape")
+
+
+def shown(name: str | Path) -> str:
+    """A path fit for any terminal or log: bytes that are not UTF-8 as ``\\xe9``."""
+    return fs_bytes(str(name)).decode("utf-8", "backslashreplace")
 
 
 def write_atomic(target: Path, data: bytes) -> None:
     """Write ``data`` to ``target`` so that ``target`` is either absent or complete, whenever the process dies."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}{_PART}")
+    # Not named after the target: a name near the 255-byte limit would make the temporary one too long.
+    tmp = target.with_name(f".{uuid.uuid4().hex}{_PART}")
     try:
         with open(tmp, "xb") as f:
             f.write(data)
@@ -56,7 +68,8 @@ def read_mask(path: Path, card: Card) -> Outcome | None:
                 return None  # not a mask of this model's classes
             mask = np.asarray(im)
             found = getattr(im, "text", {}).get(INSTANCES_KEY)
-    except (OSError, SyntaxError, ValueError):  # FileNotFoundError included
+    # Anything unreadable is not a mask this job wrote whole: it is made again. FileNotFoundError included.
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
     k = len(card.classes)
     if mask.ndim != 2 or (mask.size and int(mask.max()) >= k):
@@ -68,6 +81,16 @@ def read_mask(path: Path, card: Card) -> Outcome | None:
         instances = int(found)
     h, w = mask.shape
     return Outcome("", b"", w, h, class_counts(mask, k), instances=instances)
+
+
+def read_owners(dst: Path) -> dict[str, str]:
+    """mask -> the image it was made from, as the last run's summary.csv says (empty without one): a mask
+    is the same bytes whichever image it came from, so the summary is where a rerun learns that."""
+    try:
+        with open(dst / SUMMARY, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            return {row["mask"]: row["path"] for row in csv.DictReader(f) if row.get("mask") and row.get("path")}
+    except (OSError, csv.Error, KeyError):
+        return {}  # no summary yet, or not one this job wrote
 
 
 def summary_header(card: Card) -> list[str]:
@@ -100,7 +123,9 @@ def write_summary(dst: Path, card: Card, outcomes: Iterable[Outcome]) -> None:
     w.writerow(summary_header(card))
     for o in sorted(outcomes, key=lambda o: o.path):
         w.writerow(summary_row(o, card))
-    write_atomic(dst / SUMMARY, buf.getvalue().encode())
+    # Paths as the file system holds them (os.walk's surrogates back to their bytes): a name that is not
+    # UTF-8 stays the exact name of its file.
+    write_atomic(dst / SUMMARY, buf.getvalue().encode("utf-8", "surrogateescape"))
 
 
 class Progress:

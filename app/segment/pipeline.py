@@ -1,78 +1,31 @@
-"""One image through the service's pipeline, and the workers that run it on many: in-process or as Ray actors."""
+"""The workers that run the service's pipeline (``app.pipeline``) on many images: in-process or as Ray actors."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from app import pipeline
 from app.config import Settings
-from app.engine import Engine, Segmentation, resolve_device
+from app.engine import Engine, resolve_device
 from app.errors import ServiceError
-from app.imaging import Decoded, decode, encode_mask_png
+from app.pipeline import INSTANCES_KEY, Ask, class_counts
 from app.segment.sources import Source
-from model.bundle import Card, load_bundle
+from model.bundle import load_bundle
 
+__all__ = ["INSTANCES_KEY", "Options", "Outcome", "RayMapper", "Segmenter", "class_counts", "ray_outcomes"]
 
-async def segment_image(
-    engine: Engine,
-    name: str | None,
-    data: bytes,
-    max_pixels: int,
-    executor: concurrent.futures.Executor | None = None,
-    full_image: bool = False,
-    timeout_s: float | None = None,
-    disconnected: Callable[[], Awaitable[bool]] | None = None,
-    instances: bool = False,
-) -> tuple[Decoded, Segmentation]:
-    """Decode and segment image bytes, off the event loop: the pipeline of ``POST /v1/predict``,
-    ``unetseg predict`` and ``unetseg segment``. Raises ServiceError.
-
-    A model that resizes its input gets a JPEG decoded at a reduced scale, unless ``full_image`` (the
-    caller draws the mask over the image's own pixels). ``timeout_s``, ``disconnected`` and ``instances`` (ids
-    for a model with instances) as in ``Engine.segment``. The segmentation's timings add ``decode`` (seconds)
-    to the engine's.
-    """
-    m = engine.get(name)
-    policy = m.card.input
-    reduce_to = policy.size if policy.sizing == "resize" and not full_image else None
-    t0 = time.perf_counter()
-    decoded = await asyncio.get_running_loop().run_in_executor(executor, decode, data, max_pixels, reduce_to)
-    image = decoded.for_model(policy.channels)
-    decode_s = time.perf_counter() - t0
-    seg = await engine.segment(
-        m.name,
-        image,
-        executor,
-        timeout_s,
-        (decoded.height, decoded.width),
-        disconnected=disconnected,
-        instances=instances,
-    )
-    seg.timings["decode"] = decode_s
-    return decoded, seg
-
-
-# The text chunk of a bulk job's mask PNG that keeps its instance count, for the summary of a rerun.
-INSTANCES_KEY = "unetseg:instances"
-
-
-def mask_text(card: Card, instances: int | None) -> dict[str, str]:
-    """The text chunks of a bulk job's mask: the instance count, for a model with instances."""
-    return {INSTANCES_KEY: str(instances)} if card.instances is not None and instances is not None else {}
-
-
-def class_counts(mask: np.ndarray, num_classes: int) -> tuple[int, ...]:
-    """(H, W) uint8 class ids -> pixels per class."""
-    return tuple(int(n) for n in np.bincount(mask.ravel(), minlength=num_classes)[:num_classes])
+log = logging.getLogger("unetseg.segment")
 
 
 @dataclass(frozen=True)
@@ -119,7 +72,7 @@ class Options:
 class Segmenter:
     """One model's engine, an event loop and a pool of threads that read, decode and encode images.
 
-    Images go through the service's own path (``segment_image``), several at once, so that the engine
+    Images go through the service's own path (``app.pipeline``), several at once, so that the engine
     batches their forward passes as it does for concurrent requests.
     """
 
@@ -131,6 +84,7 @@ class Segmenter:
         bundle = load_bundle(options.bundle)
         self.card = bundle.card
         self.colors = [c.color for c in self.card.classes]
+        self.ask = Ask(self.card.name, "png", compress_level=options.compress_level, bulk=True)
         device = resolve_device(options.device)
         # A job that keeps the model busy gets more from one single-thread forward pass per core than from
         # one pass on every core (whose threads wait for each other, and for anything else on the machine).
@@ -145,7 +99,7 @@ class Segmenter:
             streams=streams,
             graph=options.graph,
         )
-        self.engine.start(warmup=False)
+        self.engine.start(warmup=options.max_batch == 0)  # the warm-up measures the batch limit
         # On the CPU the cores are the streams'; the threads' own torch work (resizing the input, upsampling
         # the logits) runs on one thread each, not in parallel regions that contend with the streams'.
         init = (lambda: torch.set_num_threads(1)) if device.type == "cpu" else None
@@ -154,27 +108,18 @@ class Segmenter:
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="unetseg-segment-loop", daemon=True)
         self._loop_thread.start()
 
-    def _encode(self, seg: Segmentation) -> tuple[bytes, tuple[int, ...], int | None]:
-        n = int(seg.instances.max(initial=0)) if seg.instances is not None else None
-        png = encode_mask_png(seg.mask, self.colors, self.options.compress_level, mask_text(self.card, n))
-        return png, class_counts(seg.mask, len(self.colors)), n
-
     async def one(self, rel: str) -> Outcome:
         loop = asyncio.get_running_loop()
         try:
             data = await loop.run_in_executor(self.pool, self.source.read, rel)
-            decoded, seg = await segment_image(
-                self.engine,
-                self.card.name,
-                data,
-                self.options.max_pixels,
-                self.pool,
-                instances=self.card.instances is not None,
-            )
+            answer = await pipeline.predict(self.engine, self.ask, data, self.options.max_pixels, self.pool)
         except (ServiceError, OSError) as exc:
             return Outcome(rel, b"", error=str(exc) or type(exc).__name__, finished=time.time())
-        png, counts, n = await loop.run_in_executor(self.pool, self._encode, seg)
-        return Outcome(rel, png, decoded.width, decoded.height, counts, instances=n, finished=time.time())
+        except Exception as exc:  # anything else on one image (a bug, MemoryError) is its error, not the job's end
+            log.exception("unexpected error on %r", rel)
+            return Outcome(rel, b"", error=f"{type(exc).__name__}: {exc}", finished=time.time())
+        a = answer
+        return Outcome(rel, a.body, a.width, a.height, a.counts, instances=a.instances, finished=time.time())
 
     def run(self, paths: Iterable[str]) -> Iterator[Outcome]:
         """Outcomes in the order they finish, with at most twice the thread count in flight."""
@@ -239,7 +184,7 @@ def ray_outcomes(
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the job shows its own
         # Enough threads per actor to keep a batch in flight on a GPU; on the CPU the forward pass is the limit.
-        threads = options.max_batch if gpus else 2
+        threads = (options.max_batch or 16) if gpus else 2
         ds = ray.data.from_items([{"path": p} for p in todo]).map_batches(
             RayMapper,
             fn_constructor_args=(source, options, threads, None if gpus else max(1, int(cpus / n))),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -28,20 +29,61 @@ def is_image_name(name: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Listing:
+    """What a folder holds: its images, the files named like images that are not regular files (FIFOs,
+    devices, sockets, symlinks to them or to nothing) with why they were left out, and the identities
+    (device, inode) of the images, so that no mask is ever written over one."""
+
+    images: list[str]
+    ignored: list[tuple[str, str]]
+    inodes: frozenset[tuple[int, int]]
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "a socket" if stat.S_ISSOCK(mode) else "a directory")
+
+
+@dataclass(frozen=True)
 class FolderSource:
     root: Path
-    exclude: Path | None = None  # DST, when it lies inside SRC
 
-    def list(self) -> list[str]:
-        out: list[str] = []
+    def scan(self) -> Listing:
+        images: list[str] = []
+        ignored: list[tuple[str, str]] = []
+        inodes: set[tuple[int, int]] = set()
         for folder, dirs, files in os.walk(self.root):
             here = Path(folder)
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() != self.exclude)
-            out.extend((here / f).relative_to(self.root).as_posix() for f in files if is_image_name(f))
-        return sorted(out)
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in files:
+                if not is_image_name(name):
+                    continue
+                rel = (here / name).relative_to(self.root).as_posix()
+                try:
+                    st = os.stat(here / name)  # through symlinks: what a read would open
+                except OSError as exc:
+                    ignored.append((rel, f"cannot be read: {exc.strerror or exc}"))
+                    continue
+                if not stat.S_ISREG(st.st_mode):  # a FIFO would block a read, a device never end it
+                    ignored.append((rel, f"not a regular file ({_kind(st.st_mode)})"))
+                    continue
+                images.append(rel)
+                inodes.add((st.st_dev, st.st_ino))
+        return Listing(sorted(images), sorted(ignored), frozenset(inodes))
+
+    def list(self) -> list[str]:
+        return self.scan().images
 
     def read(self, rel: str) -> bytes:
-        return (self.root / rel).read_bytes()
+        # Non-blocking, so that a file replaced by a FIFO since the listing cannot hang the open.
+        fd = os.open(self.root / rel, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise OSError(f"{rel}: not a regular file ({_kind(mode)})")
+            return f.read()
 
 
 class S3Source:
@@ -103,7 +145,12 @@ def open_source(src: str, dst: Path) -> Source:
     root = Path(src)
     if not root.is_dir():
         raise ValueError(f"{src} is not a folder (nor an s3:// prefix)")
-    return FolderSource(root.resolve(), dst.resolve())
+    root, out = root.resolve(), dst.resolve()
+    if out == root or root in out.parents:
+        # Masks would land among the images: SRC/x.png would become x.png's mask.
+        where = "SRC" if out == root else "inside SRC"
+        raise ValueError(f"DST {dst} is {where} ({src}): give an output folder outside it")
+    return FolderSource(root)
 
 
 def mask_path(rel: str) -> str | None:

@@ -446,6 +446,25 @@
     els.jobResults.replaceChildren();
   }
 
+  // After an error nothing of the previous result stays on screen: its image and mask would pass for
+  // this file's.
+  function clearViewer() {
+    for (const canvas of [els.imageLayer, els.maskLayer]) {
+      canvas.width = 0;
+      canvas.height = 0;
+    }
+    els.caption.textContent = "";
+    els.imageLayer.removeAttribute("role");
+    els.imageLayer.removeAttribute("aria-label");
+  }
+
+  // 5 bytes is "5 bytes", not "1 KB".
+  function formatBytes(n) {
+    if (n < 1024) return `${n} ${n === 1 ? "byte" : "bytes"}`;
+    if (n < 1024 * 1024) return `${(n / 1024).toFixed(n < 10 * 1024 ? 1 : 0)} KB`;
+    return `${(n / (1024 * 1024)).toFixed(n < 10 * 1024 * 1024 ? 1 : 0)} MB`;
+  }
+
   async function segment() {
     const file = state.file;
     const name = els.model.value;
@@ -519,6 +538,8 @@
       setStatus(`Done in ${ms(roundtrip)}.`);
     } catch (err) {
       if (run !== state.run) return;
+      resetResult();
+      clearViewer();
       els.viewer.dataset.state = "error";
       setStatus("");
       showError(err);
@@ -530,7 +551,7 @@
   function chooseFile(file) {
     if (!file) return;
     state.file = file;
-    els.fileName.textContent = `${file.name || "pasted image"} · ${Math.max(1, Math.round(file.size / 1024))} KB`;
+    els.fileName.textContent = `${file.name || "pasted image"} · ${formatBytes(file.size)}`;
     els.fileName.hidden = false;
     segment();
   }

@@ -24,11 +24,19 @@ The guarantees are kept here, once, for every combination:
 - **Start-up reconciliation is safe with other replicas running**: staged blobs are removed only when their
   writer is gone (files) or they are older than the backend's grace period (S3); rows whose blob is missing
   are removed, under the lock.
+- **What is read is what was stored.** A blob is hashed while it is read and must have its id as SHA-256.
+  One that does not (truncated, bit-flipped, replaced by other bytes, a folder where the file was) or
+  that is gone is taken for missing: logged, its row removed under the lock (unless a put restored it
+  meanwhile), so the upload is a 404 rather than another image's mask or a 415 that blames the client;
+  uploading the same bytes again restores it, as does a put that finds its blob in that state.
+- **Trouble reaching the database or the blobs is a 503** (``StoreUnavailable``, with Retry-After), raised
+  by the backends; ``gate.StoreGate`` runs store calls in threads of their own and reports reachability.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import time
 from abc import ABC, abstractmethod
@@ -44,6 +52,13 @@ if TYPE_CHECKING:
     from app.config import Settings
 
 ID_RE = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline through
+CHUNK = 1 << 20  # bytes read (and hashed) at a time
+
+log = logging.getLogger("unetseg.store")
+
+
+class BlobDamaged(Exception):
+    """The blob under an id is not the bytes whose SHA-256 the id is, or not a readable file at all."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,10 @@ class Metadata(ABC):
         """One transaction holding the store-wide write lock; committed when the block ends without error."""
 
     @abstractmethod
+    def ping(self) -> None:
+        """A round trip to the database; StoreUnavailable when there is none."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
 
@@ -143,7 +162,28 @@ class Blobs(ABC):
         """Release what ``stage`` kept (a published blob stays)."""
 
     @abstractmethod
-    def read(self, uid: str) -> bytes | None: ...
+    def chunks(self, uid: str) -> Iterator[bytes] | None:
+        """The blob's bytes in pieces of at most ``CHUNK``; None when there is no blob. BlobDamaged when
+        what is there is not a blob (a folder)."""
+
+    @abstractmethod
+    def exists(self, uid: str) -> bool: ...
+
+    def read(self, uid: str) -> bytes | None:
+        """The blob's bytes, hashed while they are read: None when there is none, BlobDamaged when they are
+        not the bytes whose SHA-256 is ``uid``."""
+        pieces = self.chunks(uid)
+        if pieces is None:
+            return None
+        digest = hashlib.sha256()
+        parts = []
+        for piece in pieces:
+            digest.update(piece)
+            parts.append(piece)
+        if digest.hexdigest() != uid:
+            size = sum(map(len, parts))
+            raise BlobDamaged(f"holds {size} bytes whose SHA-256 is {digest.hexdigest()}, not its id")
+        return b"".join(parts)
 
     @abstractmethod
     def delete(self, uid: str) -> None:
@@ -196,10 +236,12 @@ class UploadStore:
                 rows.delete(missing)
 
     def put(self, data: bytes, width: int, height: int, fmt: str) -> tuple[Upload, bool]:
-        """Store ``data``; returns (upload, created). The same bytes twice give the same id, created=False."""
+        """Store ``data``; returns (upload, created). The same bytes twice give the same id, created=False.
+
+        Bytes already stored whose blob went missing or was damaged are written again (created=False)."""
         uid = self.digest(data)
         existing = self.get(uid)
-        if existing is not None:
+        if existing is not None and self._intact(uid):
             return existing, False
         staged = self.blobs.stage(uid, data)
         try:
@@ -214,6 +256,10 @@ class UploadStore:
                     except BaseException:
                         self.blobs.delete(uid)  # still under the lock: no other put can have published it
                         raise
+                elif not self._intact(uid):  # still so under the lock: restore it
+                    self.blobs.delete(uid)  # whatever is in the way (damaged bytes, a folder)
+                    self.blobs.publish(staged)
+                    log.warning("upload %s: its blob was missing or damaged; restored from the same bytes", uid)
                 self._evict(rows, keep=uid)
         finally:
             self.blobs.discard(staged)
@@ -231,10 +277,47 @@ class UploadStore:
             return None
         return upload
 
+    def describe(self, upload_id: str) -> Upload | None:
+        """``get``, for an upload whose blob is there (a stat, not a read: its bytes are checked when read)."""
+        upload = self.get(upload_id)
+        if upload is None or self.blobs.exists(upload_id):
+            return upload
+        self._drop_damaged(upload_id)
+        return None
+
     def read(self, upload_id: str) -> bytes | None:
+        """The upload's bytes, checked against its id; None for an unknown upload or one whose blob is gone
+        or damaged (which is then dropped: see the module's docstring)."""
         if self.get(upload_id) is None:
             return None
-        return self.blobs.read(upload_id)  # None when deleted between the lookup and the read
+        try:
+            data = self.blobs.read(upload_id)
+        except BlobDamaged:
+            data = None
+        if data is None:  # gone or damaged; or deleted between the lookup and the read, and then no row is left
+            self._drop_damaged(upload_id)
+        return data
+
+    def _intact(self, uid: str) -> bool:
+        try:
+            return self.blobs.read(uid) is not None
+        except BlobDamaged:
+            return False
+
+    def _drop_damaged(self, uid: str) -> None:
+        """Remove an upload whose blob is missing or damaged, unless a put restored it meanwhile."""
+        with self.meta.write() as rows:
+            if rows.get(uid) is None:
+                return  # deleted or evicted meanwhile
+            try:
+                if self.blobs.read(uid) is not None:
+                    return  # restored meanwhile
+                why = "is missing"
+            except BlobDamaged as exc:
+                why = str(exc)
+            log.warning("upload %s: its blob %s; the upload is dropped (the same bytes uploaded restore it)", uid, why)
+            rows.delete(uid)
+            self.blobs.delete(uid)
 
     def delete(self, upload_id: str) -> bool:
         if not ID_RE.fullmatch(upload_id):
@@ -284,7 +367,7 @@ class UploadStore:
         return removed
 
 
-def open_metadata(url: str, data_dir: Path) -> Metadata:
+def open_metadata(url: str, data_dir: Path, connections: int = 8, timeout_s: float = 5.0) -> Metadata:
     """``""`` (SQLite in ``data_dir``), ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` (SQLAlchemy's
     form: the path is what follows the third slash), or ``postgresql://user:pw@host/db``."""
     scheme = urlsplit(url).scheme
@@ -302,11 +385,11 @@ def open_metadata(url: str, data_dir: Path) -> Metadata:
     if scheme in ("postgresql", "postgres"):
         from app.store.postgres import PostgresMetadata
 
-        return PostgresMetadata(url)
+        return PostgresMetadata(url, connections, timeout_s)
     raise ValueError(f"UNETSEG_DATABASE_URL: unsupported scheme {scheme!r} (use sqlite:/// or postgresql://)")
 
 
-def open_blobs(url: str, data_dir: Path) -> Blobs:
+def open_blobs(url: str, data_dir: Path, timeout_s: float = 5.0) -> Blobs:
     """``""`` (the data folder), ``file:///path`` or ``s3://bucket/prefix``."""
     parts = urlsplit(url)
     if not url or parts.scheme == "file":
@@ -320,15 +403,15 @@ def open_blobs(url: str, data_dir: Path) -> Blobs:
 
         if not parts.netloc:
             raise ValueError(f"UNETSEG_BLOB_URL: no bucket in {url!r} (use s3://bucket/prefix)")
-        return S3Blobs(parts.netloc, unquote(parts.path).strip("/"))
+        return S3Blobs(parts.netloc, unquote(parts.path).strip("/"), timeout_s=timeout_s)
     raise ValueError(f"UNETSEG_BLOB_URL: unsupported scheme {parts.scheme!r} (use file:/// or s3://)")
 
 
 def open_store(settings: Settings) -> UploadStore:
     """The store the settings name: metadata from UNETSEG_DATABASE_URL, bytes from UNETSEG_BLOB_URL."""
-    meta = open_metadata(settings.database_url, settings.data_dir)
+    meta = open_metadata(settings.database_url, settings.data_dir, settings.store_threads, settings.store_timeout_s)
     try:
-        blobs = open_blobs(settings.blob_url, settings.data_dir)
+        blobs = open_blobs(settings.blob_url, settings.data_dir, settings.store_timeout_s)
         return UploadStore(meta, blobs, settings.max_store_bytes, settings.retention_s)
     except BaseException:
         meta.close()

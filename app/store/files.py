@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
-from app.store import ID_RE, Blobs, Staged
+from app.store import CHUNK, ID_RE, BlobDamaged, Blobs, Staged
 
 
 def _fsync_dir(path: Path) -> None:
@@ -30,6 +32,12 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _pieces(f: BinaryIO) -> Iterator[bytes]:
+    with f:
+        while piece := f.read(CHUNK):
+            yield piece
 
 
 def _same_file(path: Path, fd: int) -> bool:
@@ -89,14 +97,24 @@ class FileBlobs(Blobs):
             path.unlink(missing_ok=True)
         os.close(fd)  # releases the lock
 
-    def read(self, uid: str) -> bytes | None:
+    def chunks(self, uid: str) -> Iterator[bytes] | None:
         try:
-            return self.path_for(uid).read_bytes()
+            f = open(self.path_for(uid), "rb")  # noqa: SIM115 - closed by the generator
         except FileNotFoundError:
             return None
+        except (IsADirectoryError, NotADirectoryError) as exc:
+            raise BlobDamaged(f"is not a file ({exc.strerror})") from None
+        return _pieces(f)
+
+    def exists(self, uid: str) -> bool:
+        return self.path_for(uid).is_file()
 
     def delete(self, uid: str) -> None:
-        self.path_for(uid).unlink(missing_ok=True)
+        path = self.path_for(uid)
+        try:
+            path.unlink(missing_ok=True)
+        except IsADirectoryError:  # a folder where the blob was (nothing of ours lives under a blob's name)
+            shutil.rmtree(path)
 
     def names(self) -> Iterator[tuple[str, float]]:
         for sub in self.files.iterdir():

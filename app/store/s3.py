@@ -15,10 +15,12 @@ AWS (MinIO, Ceph, an emulator) set ``AWS_ENDPOINT_URL_S3`` (or ``AWS_ENDPOINT_UR
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from app.store import ID_RE, Blobs, Staged
+from app.errors import StoreUnavailable
+from app.store import CHUNK, ID_RE, Blobs, Staged
 
 ORPHAN_GRACE_S = 3600.0  # far longer than any upload takes between its PUT and its row
 
@@ -26,15 +28,19 @@ ORPHAN_GRACE_S = 3600.0  # far longer than any upload takes between its PUT and 
 class S3Blobs(Blobs):
     orphan_grace_s = ORPHAN_GRACE_S
 
-    def __init__(self, bucket: str, prefix: str = "", client: Any = None) -> None:
+    def __init__(self, bucket: str, prefix: str = "", client: Any = None, timeout_s: float = 5.0) -> None:
         if client is None:
             try:
                 import boto3
+                from botocore.config import Config
             except ImportError as exc:
                 raise RuntimeError(
                     "UNETSEG_BLOB_URL names S3: install the 's3' extra (pip install 'unetseg[s3]')"
                 ) from exc
-            client = boto3.client("s3")
+            # boto3's defaults wait 60 s to connect and for each read, over up to 5 attempts: an endpoint that
+            # went away would hold a store thread for minutes.
+            config = Config(connect_timeout=timeout_s, read_timeout=max(timeout_s, 10.0), retries={"max_attempts": 2})
+            client = boto3.client("s3", config=config)
         self.client = client
         self.bucket = bucket
         self.prefix = f"{prefix.strip('/')}/uploads/" if prefix.strip("/") else "uploads/"
@@ -54,39 +60,66 @@ class S3Blobs(Blobs):
         return str(response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound")
 
     def _put(self, uid: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self.key(uid), Body=data, ChecksumAlgorithm="SHA256")
+        with self._unavailable_as_503():
+            self.client.put_object(Bucket=self.bucket, Key=self.key(uid), Body=data, ChecksumAlgorithm="SHA256")
 
     def stage(self, uid: str, data: bytes) -> Staged:
         self._put(uid, data)
         return Staged(uid, data)
 
     def publish(self, staged: Staged) -> None:
-        from botocore.exceptions import ClientError
-
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self.key(staged.id))
-        except ClientError as exc:
-            if not self._missing(exc):
-                raise
+        if not self.exists(staged.id):
             self._put(staged.id, staged.data)
 
     def discard(self, staged: Staged) -> None:
         return None  # an unpublished object has no row: start-up removes it after the grace period
 
-    def read(self, uid: str) -> bytes | None:
+    def chunks(self, uid: str) -> Iterator[bytes] | None:
         from botocore.exceptions import ClientError
 
+        with self._unavailable_as_503():
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self.key(uid))
+            except ClientError as exc:
+                if self._missing(exc):
+                    return None
+                raise
+        return self._pieces(response["Body"])
+
+    def _pieces(self, body: Any) -> Iterator[bytes]:
+        with self._unavailable_as_503(), contextlib.closing(body):
+            yield from body.iter_chunks(CHUNK)
+
+    def exists(self, uid: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        with self._unavailable_as_503():
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self.key(uid))
+            except ClientError as exc:
+                if self._missing(exc):
+                    return False
+                raise
+        return True
+
+    @contextlib.contextmanager
+    def _unavailable_as_503(self) -> Iterator[None]:
+        """No answer from the endpoint, or a 5xx (SlowDown, InternalError): the store's trouble, a 503."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self.key(uid))
+            yield
+        except BotoCoreError as exc:
+            raise StoreUnavailable(f"the upload bucket is unavailable: {exc}") from exc
         except ClientError as exc:
-            if self._missing(exc):
-                return None
+            status = (getattr(exc, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if int(status) >= 500:
+                raise StoreUnavailable(f"the upload bucket is unavailable: {exc}") from exc
             raise
-        data: bytes = response["Body"].read()
-        return data
 
     def delete(self, uid: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self.key(uid))
+        with self._unavailable_as_503():
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(uid))
 
     def names(self) -> Iterator[tuple[str, float]]:
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)

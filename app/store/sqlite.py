@@ -14,10 +14,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from app.errors import StoreUnavailable
 from app.store import Metadata, Rows
 from app.store.sql import SqlRows, schema
 
 BUSY_TIMEOUT_S = 60.0  # how long a writer waits for another process's write lock
+
+
+@contextmanager
+def _unavailable_as_503() -> Iterator[None]:
+    """A database locked past the busy timeout, a full disk or an I/O error: the store's trouble, not the
+    request's (503 with Retry-After). Errors in the statements themselves stay what they are."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        raise StoreUnavailable(f"the upload database is unavailable: {exc}") from exc
 
 
 class SqliteMetadata(Metadata):
@@ -53,12 +64,12 @@ class SqliteMetadata(Metadata):
 
     @contextmanager
     def read(self) -> Iterator[Rows]:
-        with self._read_lock:
+        with _unavailable_as_503(), self._read_lock:
             yield SqlRows(self._reader.execute)
 
     @contextmanager
     def write(self) -> Iterator[Rows]:
-        with self._write_lock:
+        with _unavailable_as_503(), self._write_lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield SqlRows(self._db.execute)
@@ -67,6 +78,10 @@ class SqliteMetadata(Metadata):
                 if self._db.in_transaction:  # also when the COMMIT itself failed (disk full, I/O error)
                     self._db.execute("ROLLBACK")
                 raise
+
+    def ping(self) -> None:
+        with self.read() as rows:
+            rows.get("")
 
     def close(self) -> None:
         with self._write_lock, self._read_lock:

@@ -123,7 +123,7 @@ def test_predict_png_is_a_palette_mask_of_the_image_size(client: TestClient) -> 
     assert r.status_code == 200 and r.headers["content-type"] == PNG
     assert r.headers["x-model"] == "tiny" and r.headers["x-model-version"] == "0.0.1"
     timing = r.headers["server-timing"]
-    assert [part.split(";")[0] for part in timing.split(", ")] == ["decode", "queue", "model", "encode"]
+    assert [part.split(";")[0] for part in timing.split(", ")] == ["decode", "queue", "model", "post", "encode"]
     im = decode_png(r.content)
     assert im.mode == "P" and im.size == (57, 31)
     ids = np.asarray(im)
@@ -146,7 +146,7 @@ def test_predict_json_reports_areas_boxes_and_rle(client: TestClient) -> None:
     assert r.status_code == 200
     body = r.json()
     assert (body["model"], body["width"], body["height"]) == ("tiny", 50, 40)
-    assert set(body["timings_ms"]) == {"decode", "queue", "model", "encode"}
+    assert set(body["timings_ms"]) == {"decode", "queue", "model", "post", "encode"}
     total = 0
     for c in body["classes"]:
         binary = mask == c["id"]

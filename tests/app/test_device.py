@@ -75,7 +75,7 @@ def test_every_tile_has_the_one_warmed_up_shape(tmp_path: Path, size: tuple[int,
     folder, card, _ = write_tiny_bundle(tmp_path / "t", channels=1, sizing="tile", size=32)
     engine = ModelEngine(load_bundle(folder), torch.device("cpu"), torch.float32)
     work = make_work(engine, np.zeros(size, np.uint8), None)
-    shapes = {tuple(work.item(i).shape) for i in range(work.size)}
+    shapes = {tuple(work.item(i)[0].shape) for i in range(work.size)}
     assert shapes <= set(input_shapes(card.input)) and len(shapes) == 1
 
 
@@ -84,7 +84,7 @@ def test_resize_inputs_have_the_warmed_up_shape(tmp_path: Path) -> None:
     engine = ModelEngine(load_bundle(folder), torch.device("cpu"), torch.float32)
     for size in [(1, 1), (100, 33), (480, 640)]:
         work = make_work(engine, np.zeros((*size, 3), np.uint8), size)
-        assert {tuple(work.item(i).shape) for i in range(work.size)} <= set(input_shapes(card.input))
+        assert {tuple(work.item(i)[0].shape) for i in range(work.size)} <= set(input_shapes(card.input))
 
 
 def test_warmup_runs_every_shape_class_at_batch_1_and_a_full_batch(tmp_path: Path) -> None:

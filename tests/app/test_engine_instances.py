@@ -35,7 +35,7 @@ def test_the_engines_logits_and_instances_are_those_of_the_blended_logits(
     engine = Engine([bundle], torch.device("cpu"), precision="float32", max_batch=1)
     engine.start(warmup=False)
     try:
-        work = make_work(engine.get("m"), image, None)
+        work = make_work(engine.get("m"), image, None, keep_logits=True)
         engine.get("m").submit_work(work).result()
         assert isinstance(work, ResizedWork | TiledWork)
         logits = work.logits()

@@ -10,7 +10,7 @@ from PIL import Image
 from app.errors import ImageTooLarge, InvalidImage
 from app.imaging import decode, encode_mask_png, mask_summary, rle_decode, rle_encode
 from model.bundle import InputPolicy
-from model.inference import _resize_argmax, make_plan
+from model.inference import make_plan, resize_argmax
 
 
 def jpeg(width: int, height: int, orientation: int | None = None) -> bytes:
@@ -58,7 +58,7 @@ def test_other_formats_ignore_reduce() -> None:
 
 def test_binary_argmax_shortcut_equals_the_full_argmax() -> None:
     logits = torch.randn(2, 13, 17)
-    fast = _resize_argmax(logits, 101, 77)
+    fast = resize_argmax(logits, 101, 77).numpy()
     up = torch.nn.functional.interpolate(logits[None], size=(101, 77), mode="bilinear", align_corners=False)[0]
     assert (fast == up.argmax(0).numpy()).mean() > 0.999
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -253,13 +254,6 @@ def test_bad_arguments(tmp_path: Path, weights_dir: Path, capsys: pytest.Capture
         segment(tmp_path / "src", tmp_path / "out", "tiny", weights_dir, "--workers", "0")
 
 
-def test_output_inside_the_source_is_not_read_back(tmp_path: Path, src: Path, weights_dir: Path) -> None:
-    dst = src / "masks"
-    first = run(str(src), dst, find_bundle("tiny", weights_dir), Settings())
-    again = run(str(src), dst, find_bundle("tiny", weights_dir), Settings())
-    assert first.images == again.images == len(GOOD) + len(BAD)
-
-
 @pytest.mark.ray
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own, from its DataContext
 def test_ray_masks_equal_in_process(tmp_path: Path, src: Path, weights_dir: Path) -> None:
@@ -313,3 +307,117 @@ def test_summary_counts_instances_for_a_model_with_instances_and_a_rerun_keeps_t
     # A semantic model's rows leave the column empty.
     assert segment(src, tmp_path / "plain", "tiny", weights) == 1
     assert all(r["instances"] == "" for r in read_summary(tmp_path / "plain"))
+
+
+@pytest.mark.parametrize("where", ["src", "inside", "symlink"])
+def test_a_dst_that_is_src_or_inside_it_is_refused_and_no_image_changes(
+    tmp_path: Path, src: Path, weights_dir: Path, where: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    if where == "src":
+        dst = src
+    elif where == "inside":
+        dst = src / "nested" / "masks"
+    else:
+        dst = tmp_path / "link"
+        dst.symlink_to(src, target_is_directory=True)
+    assert segment(src, dst, "tiny", weights_dir) == 2
+    assert "give an output folder outside it" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before
+
+
+def test_a_mask_is_never_written_over_an_image(tmp_path: Path, weights_dir: Path) -> None:
+    """SRC inside DST: the image s/x.png's mask path DST/s/x.png is the image SRC/x.png itself."""
+    dst = tmp_path / "d"
+    src = make_src(dst / "s", {"x.png": GOOD["a.png"], "s/x.png": GOOD["nested/deeper/c.png"]})
+    report = run(str(src), dst, find_bundle("tiny", weights_dir), Settings())
+    expected = [("s/x.png", "its mask path s/x.png in DST is one of the images")]
+    assert [(o.path, o.error) for o in report.errors] == expected
+    assert (src / "x.png").read_bytes() == GOOD["a.png"]
+    assert (dst / "x.png").is_file() and report.written == 1
+
+
+def test_any_error_on_one_image_is_that_images_row(
+    tmp_path: Path, src: Path, weights_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.pipeline as pipeline
+
+    real_decode = pipeline.decode
+
+    def decode(data: bytes, *args: object) -> object:
+        if data == GOOD["a.png"]:
+            raise RuntimeError("a bug that only this image meets")
+        return real_decode(data, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "decode", decode)
+    dst = tmp_path / "out"
+    report = run(str(src), dst, find_bundle("tiny", weights_dir), Settings())
+    errors = {o.path: o.error for o in report.errors}
+    assert errors["a.png"] == "RuntimeError: a bug that only this image meets"
+    assert report.written == len(GOOD) - 1
+    assert {r["path"] for r in read_summary(dst)} == {*GOOD, *BAD}
+
+
+def test_fifos_devices_and_dangling_links_are_skipped(tmp_path: Path, src: Path, weights_dir: Path) -> None:
+    """A FIFO named like an image would block the read forever, /dev/zero never end it: neither is read.
+    The job runs in a subprocess, so that a hang fails the test instead of stopping the suite."""
+    os.mkfifo(src / "pipe.jpg")
+    (src / "zero.png").symlink_to("/dev/zero")
+    (src / "gone.png").symlink_to(src / "nothing-here.png")
+    (src / "linked.png").symlink_to(src / "a.png")  # a symlink to an image is an image
+    dst = tmp_path / "out"
+    cmd = [sys.executable, "-m", "app", "segment", str(src), str(dst), "--model", "tiny"]
+    cmd += ["--weights-dir", str(weights_dir)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr  # the BAD images
+    assert "pipe.jpg: skipped, not a regular file (a FIFO)" in done.stderr
+    assert "zero.png: skipped, not a regular file (a character device)" in done.stderr
+    assert "gone.png: skipped, cannot be read" in done.stderr
+    assert {r["path"] for r in read_summary(dst)} == {*GOOD, *BAD, "linked.png"}
+    assert (dst / "linked.png").read_bytes() != b""
+
+
+def test_any_file_name(tmp_path: Path, weights_dir: Path) -> None:
+    """A name that is not UTF-8 (latin-1 bytes) and one of 250 characters, next to the 255-byte limit."""
+    latin1 = os.fsdecode(b"latin1_\xe9t\xe9.jpg")
+    long = "n" * 246 + ".jpg"
+    src = make_src(tmp_path / "src", {latin1: GOOD["nested/b.jpg"], long: GOOD["nested/b.jpg"], "a.png": GOOD["a.png"]})
+    dst = tmp_path / "out"
+    assert segment(src, dst, "tiny", weights_dir) == 0
+    assert (dst / os.fsdecode(b"latin1_\xe9t\xe9.png")).is_file() and (dst / ("n" * 246 + ".png")).is_file()
+    raw = (dst / SUMMARY).read_bytes()
+    assert b"\nlatin1_\xe9t\xe9.jpg,latin1_\xe9t\xe9.png,200,150," in raw  # the file's own bytes
+    assert segment(src, dst, "tiny", weights_dir) == 0  # and a rerun keeps them
+    assert len(read_summary_bytes(dst)) == 3
+
+
+def read_summary_bytes(dst: Path) -> list[dict[str, str]]:
+    with open(dst / SUMMARY, newline="", errors="surrogateescape") as f:
+        return list(csv.DictReader(f))
+
+
+def test_an_existing_mask_is_never_given_to_another_image_with_its_stem(tmp_path: Path, weights_dir: Path) -> None:
+    src = make_src(tmp_path / "src", {"a.jpeg": GOOD["nested/b.jpg"]})
+    dst = tmp_path / "out"
+    bundle = find_bundle("tiny", weights_dir)
+    assert run(str(src), dst, bundle, Settings()).written == 1
+    mask = (dst / "a.png").read_bytes()
+    (src / "a.bmp").write_bytes(image_bytes(20, 10, fmt="BMP"))  # sorts before a.jpeg
+    report = run(str(src), dst, bundle, Settings())
+    assert (report.written, report.skipped) == (0, 1)
+    assert [(o.path, o.error) for o in report.errors] == [("a.bmp", "a.jpeg has the same mask path a.png")]
+    rows = {r["path"]: r for r in read_summary(dst)}
+    assert (rows["a.jpeg"]["width"], rows["a.jpeg"]["error"]) == ("200", "")
+    assert (dst / "a.png").read_bytes() == mask
+    # Its image gone, the mask is made again for the one image left with that stem.
+    (src / "a.jpeg").unlink()
+    report = run(str(src), dst, bundle, Settings())
+    assert (report.written, report.errors) == (1, [])
+    assert {r["path"]: r["width"] for r in read_summary(dst)} == {"a.bmp": "20"}
+
+
+def test_with_ray_a_name_that_is_not_utf8_is_reported_not_the_jobs_end(tmp_path: Path, weights_dir: Path) -> None:
+    """Ray Data holds text as UTF-8: such an image is its own error (here the only image, so Ray never starts)."""
+    src = make_src(tmp_path / "src", {os.fsdecode(b"\xe9.png"): GOOD["a.png"]})
+    report = run(str(src), tmp_path / "out", find_bundle("tiny", weights_dir), Settings(), use_ray=True)
+    assert [o.error for o in report.errors] == ["its name is not UTF-8, which --ray cannot pass on; run without --ray"]

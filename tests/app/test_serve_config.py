@@ -40,6 +40,8 @@ def test_the_config_validates_and_sets_replicas_gpus_and_autoscaling() -> None:
     assert isinstance(auto, dict)
     assert {"min_replicas", "max_replicas", "target_ongoing_requests"} <= set(auto)
     assert deployment.ray_actor_options.num_gpus == 0  # type: ignore[union-attr]
+    # What one replica reserves: a 2-core machine must fit more than one (it asked 2 cores, so fitted one).
+    assert deployment.ray_actor_options.num_cpus <= 1  # type: ignore[union-attr]
     assert deployment.backpressure_config.retry_after_s is not None  # type: ignore[union-attr]
 
 
@@ -50,8 +52,23 @@ def test_the_import_path_builds_the_application_with_the_settings_given() -> Non
     app = builder(application["args"])
     bound = app._bound_deployment
     assert bound.name == DEPLOYMENT_NAME
+    given = application["args"]["settings"]
     settings = Settings(**bound.init_args[0])
-    assert str(settings.weights_dir) == application["args"]["settings"]["weights_dir"]
+    assert settings.model_dump(include=set(given)) == given
+
+
+def test_the_config_as_shipped_serves_the_shipped_bundles_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve run deploy/serve.yaml` as the README gives it: each replica builds its Settings from the
+    config's in its own working folder, and must find bundles there (it once named /srv/unetseg/weights,
+    which did not exist)."""
+    (application,) = config()["applications"]
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(**build(application["args"])._bound_deployment.init_args[0])
+    assert sorted(p.name for p in settings.weights_dir.glob("*/card.json")) != []
+    for value in application["args"]["settings"].values():  # no path that only exists on some machine
+        assert not str(value).startswith("/")
 
 
 def test_unknown_settings_are_refused() -> None:

@@ -346,15 +346,22 @@ def test_a_put_racing_a_delete_of_the_same_bytes_on_another_replica_keeps_its_bl
     store, replica = backend.open(), backend.open()
     data = blob(50)
     uid = store.put(data, 1, 1, "png")[0].id
-    in_delete = threading.Event()
-    real_delete = store.blobs.delete
+    in_delete, checked = threading.Event(), threading.Event()
+    real_delete, real_intact = store.blobs.delete, replica._intact
 
     def slow_delete(name: str) -> None:
         in_delete.set()
-        threading.Event().wait(0.3)  # the window between the row and the blob
+        checked.wait(10)  # the window between the row and the blob: held until the put has looked
         real_delete(name)
 
+    def intact(uid: str) -> bool:
+        try:
+            return real_intact(uid)
+        finally:
+            checked.set()
+
     monkeypatch.setattr(store.blobs, "delete", slow_delete)
+    monkeypatch.setattr(replica, "_intact", intact)
     deleter = threading.Thread(target=store.delete, args=(uid,), name="deleter")
     deleter.start()
     assert in_delete.wait(10)
@@ -671,3 +678,104 @@ def test_store_calls_never_block_the_event_loop(
             for t in threads:
                 t.join(30)
         assert sorted(statuses) == [200, 200, 201]
+
+
+def damage(store: UploadStore, uid: str, how: str, other: bytes = b"") -> None:
+    """Change a blob behind the store's back, as a disk, an operator or another program might."""
+    data = store.blobs.read(uid)
+    assert data is not None
+    new = {
+        "deleted": None,
+        "truncated": data[: len(data) // 2],
+        "bit-flipped": data[:100] + bytes([data[100] ^ 1]) + data[101:],
+        "replaced": other,
+        "a folder": None,
+    }[how]
+    if isinstance(store.blobs, FileBlobs):
+        path = store.blobs.path_for(uid)
+        path.unlink()
+        if how == "a folder":
+            path.mkdir()
+            (path / "x").write_bytes(b"x")
+        elif new is not None:
+            path.write_bytes(new)
+    else:
+        assert isinstance(store.blobs, S3Blobs)
+        store.blobs.client.delete_object(Bucket=store.blobs.bucket, Key=store.blobs.key(uid))
+        if new is not None:
+            store.blobs.client.put_object(Bucket=store.blobs.bucket, Key=store.blobs.key(uid), Body=new)
+
+
+DAMAGE = ["deleted", "truncated", "bit-flipped", "replaced"]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_blob_is_taken_for_missing_and_the_same_bytes_restore_it(
+    backend: Backend, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = backend.open()
+    data, other = blob(70, 5000), blob(71, 5000)
+    uid = store.put(data, 1, 1, "png")[0].id
+    damage(store, uid, how, other)
+    with caplog.at_level("WARNING", logger="unetseg.store"):
+        assert store.read(uid) is None  # never other bytes, never part of them
+    assert f"upload {uid}: its blob" in caplog.text
+    assert store.get(uid) is None and uid not in rows(store)  # the upload is gone, not listed
+    assert store.put(data, 1, 1, "png")[1]  # created anew
+    assert store.read(uid) == data
+    consistent(store)
+    store.close()
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_uploading_the_same_bytes_restores_a_damaged_blob_not_yet_read(backend: Backend, how: str) -> None:
+    store = backend.open()
+    data = blob(72, 5000)
+    first = store.put(data, 1, 1, "png")[0]
+    damage(store, first.id, how, blob(73, 5000))
+    again, created = store.put(data, 1, 1, "png")
+    assert (again, created) == (first, False)
+    assert store.read(first.id) == data
+    consistent(store)
+    store.close()
+
+
+def test_a_folder_where_a_blob_was_is_missing_and_healed(tmp_path: Path) -> None:
+    store = open_store(Settings(data_dir=tmp_path))
+    data = blob(74, 5000)
+    uid = store.put(data, 1, 1, "png")[0].id
+    damage(store, uid, "a folder")
+    assert store.describe(uid) is None and store.read(uid) is None and not store.delete(uid)
+    assert store.put(data, 1, 1, "png")[1] and store.read(uid) == data
+    uid2 = store.put(blob(75), 1, 1, "png")[0].id
+    damage(store, uid2, "a folder")
+    assert store.delete(uid2) and not store.blobs.path_for(uid2).exists()
+    store.close()
+
+
+def test_the_api_never_serves_a_damaged_upload_and_a_new_upload_heals_it(tmp_path: Path, weights_dir: Path) -> None:
+    """Before: a deleted blob was 200 on GET and listed but 404 on predict, and uploading the same bytes did
+    not restore it; a truncated one was a 415 that blamed the client; a replaced one, the other image's mask."""
+    with TestClient(create_app(make_settings(tmp_path, weights_dir))) as client:
+        wait_ready(client)
+        store = client.app.state.unetseg.store  # type: ignore[attr-defined]
+        data, other = image_bytes(30, 20, seed=1), image_bytes(30, 20, seed=2)
+        good_mask = client.post("/v1/predict", content=data, headers={"Content-Type": "image/png"}).content
+        for how in ["deleted", "truncated", "replaced"]:
+            uid = client.post("/v1/uploads", files={"file": ("a.png", data, "image/png")}).json()["id"]
+            damage(store, uid, how, other)
+            if how == "deleted":
+                assert client.get(f"/v1/uploads/{uid}").status_code == 404
+            else:
+                r = client.post("/v1/predict", data={"upload_id": uid})
+                assert r.status_code == 404, (how, r.status_code)
+            assert uid not in {u["id"] for u in client.get("/v1/uploads").json()["items"]}
+            assert client.post("/v1/uploads", files={"file": ("a.png", data, "image/png")}).status_code == 201
+            r = client.post("/v1/predict", data={"upload_id": uid})
+            assert r.status_code == 200 and r.content == good_mask
+        uid = client.post("/v1/uploads", files={"file": ("a.png", data, "image/png")}).json()["id"]
+        damage(store, uid, "a folder")
+        assert client.post("/v1/predict", data={"upload_id": uid}).status_code == 404
+        assert client.delete(f"/v1/uploads/{uid}").status_code == 404
+        assert client.post("/v1/uploads", files={"file": ("a.png", data, "image/png")}).status_code == 201
+        assert client.delete(f"/v1/uploads/{uid}").status_code == 204

@@ -28,9 +28,10 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(
-    weights_dir: Path, data_dir: Path, timeout: float = 90, **env: str
+    weights_dir: Path, data_dir: Path, timeout: float = 90, args: tuple[str, ...] = (), **env: str
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Yields (base URL, process) once /readyz answers 200; stops the server afterwards."""
+    """Yields (base URL, process) once /readyz answers 200; stops the server afterwards. ``args``: more
+    ``unetseg serve`` arguments (e.g. ``--workers 2``)."""
     port = free_port()
     environ = {
         **os.environ,
@@ -41,7 +42,7 @@ def running_server(
     }
     log = open(data_dir.parent / f"server-{port}.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
         cwd=ROOT,
         env=environ,
         stdout=log,

@@ -194,3 +194,46 @@ def test_page_counts_and_outlines_instances_in_a_real_browser(tmp_path: Path) ->
             finally:
                 browser.close()
         assert problems == []
+
+
+def test_page_clears_the_last_result_after_an_error_and_shows_small_sizes_in_bytes(
+    weights_dir: Path, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    good = tmp_path / "good.png"
+    good.write_bytes(image_bytes(64, 48, seed=4))
+    bad = tmp_path / "five.png"
+    bad.write_bytes(b"hello")  # 5 bytes, not an image: a 415
+    with (
+        running_server(weights_dir, tmp_path / "data", UNETSEG_WARMUP="false", UNETSEG_DEFAULT_MODEL="tiny") as (
+            base,
+            _,
+        ),
+        sync_playwright() as pw,
+    ):
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1360, "height": 900})
+            page.set_default_timeout(30_000)
+            page.goto(f"{base}/")
+            expect(page.locator("#model")).to_be_enabled()
+            page.locator("#file").set_input_files(str(good))
+            expect(page.locator("#viewer")).to_have_attribute("data-state", "done")
+            expect(page.locator("#download")).to_be_enabled()
+            page.locator("#file").set_input_files(str(bad))
+            expect(page.locator("#viewer")).to_have_attribute("data-state", "error")
+            expect(page.locator("#error-status")).to_have_text("415")
+            expect(page.locator("#file-name")).to_have_text("five.png · 5 bytes")
+            shown = page.evaluate(
+                """() => ["image-layer", "mask-layer"].map((id) => {
+                        const c = document.getElementById(id);
+                        return [c.width, c.height];
+                    })"""
+            )
+            assert shown == [[0, 0], [0, 0]]  # not good.png's image and mask under five.png's name
+            expect(page.locator("#caption")).to_have_text("")
+            expect(page.locator("#download")).to_be_disabled()
+            expect(page.locator("#areas tbody tr")).to_have_count(0)
+        finally:
+            browser.close()

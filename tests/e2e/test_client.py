@@ -1,5 +1,5 @@
-"""A Python client generated from the running service's ``/openapi.json`` (openapi-python-client, as the
-README says), used against that service without a hand edit: upload, get, list, predict, delete."""
+"""A Python client generated from the running service's ``/openapi.json`` (openapi-python-client, as
+docs/api.md says), used against that service without a hand edit: upload, get, list, predict, delete."""
 
 from __future__ import annotations
 

@@ -88,3 +88,43 @@ def test_swagger_ui_tries_out_upload_and_predict_offline(weights_dir: Path, tmp_
             finally:
                 browser.close()
         assert elsewhere == [] and problems == []
+
+
+def test_redoc_renders_offline_and_asks_nothing_of_anywhere_else(weights_dir: Path, tmp_path: Path) -> None:
+    """ReDoc's sidebar shows a logo from cdn.redoc.ly; the page's policy keeps the browser from asking (the
+    request is refused inside the browser, "csp", and never sent)."""
+    from playwright.sync_api import ConsoleMessage, Request, expect, sync_playwright
+
+    with running_server(weights_dir, tmp_path / "data", UNETSEG_WARMUP="false", UNETSEG_DEFAULT_MODEL="tiny") as (
+        base,
+        _,
+    ):
+        asked: list[str] = []
+        kept_in: list[str] = []  # refused by the page's policy before it left the browser
+        problems: list[str] = []
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(30_000)
+
+                def request(req: Request) -> None:
+                    if not req.url.startswith((base + "/", "data:", "blob:")):
+                        asked.append(req.url)
+
+                def console(msg: ConsoleMessage) -> None:
+                    # The logo's refusal is the policy at work; anything else refused would break the page.
+                    if msg.type == "error" and "cdn.redoc.ly" not in msg.text:
+                        problems.append(msg.text)
+
+                page.on("request", request)
+                page.on("requestfailed", lambda req: kept_in.append(req.url) if req.failure == "csp" else None)
+                page.on("console", console)
+                page.on("pageerror", lambda exc: problems.append(str(exc)))
+                page.goto(f"{base}/redoc")
+                expect(page.locator("h1").first).to_contain_text("unetseg")
+                expect(page.locator("text=Segment an image").first).to_be_attached()
+                page.wait_for_load_state("networkidle")
+            finally:
+                browser.close()
+        assert [url for url in asked if url not in kept_in] == [] and problems == []

@@ -43,7 +43,7 @@ def test_serve_logs_each_request_once(fmt: str, weights_dir: Path, tmp_path: Pat
         assert ok_rec["logger"] == "unetseg.access" and ok_rec["route"] == "/v1/predict"
         assert ok_rec["model"] == "tiny" and ok_rec["status"] == 200 and ok_rec["method"] == "POST"
         assert ok_rec["response_bytes"] == len(ok.content) and ok_rec["request_bytes"] > 0
-        assert set(ok_rec["timings_ms"]) == {"decode", "queue", "model", "encode"}
+        assert set(ok_rec["timings_ms"]) == {"decode", "queue", "model", "post", "encode"}
         (bad_rec,) = [r for r in records if r.get("request_id") == bad_id]
         assert bad_rec["status"] == 415 and bad_rec["model"] == "tiny"
         assert any(r["logger"] == "unetseg" and r["message"].startswith("ready:") for r in records)

@@ -221,3 +221,55 @@ def test_a_slide_spec_round_trips_and_bad_ones_name_the_field(tmp_path: Path) ->
             load_bundle(folder)
         assert f": {field}:" in str(info.value)
         write_tiny_bundle(folder, slide=SlideSpec(mpp=0.5))
+
+
+@pytest.mark.parametrize("crash_at", [1, 2])
+def test_a_save_that_crashes_between_its_renames_never_leaves_new_weights_with_the_old_card(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: int
+) -> None:
+    """Retraining over a bundle: the process dies at the first or the second rename into place. The folder
+    is then the old bundle, whole, or one that load refuses with how to finish the save; never the new
+    weights described by the old card."""
+    import dataclasses
+
+    from model.bundle import save_bundle
+
+    folder, old_card, old_model = write_tiny_bundle(tmp_path / "b", seed=0)
+    new_card = dataclasses.replace(old_card, version="9.9.9")
+    _, _, new_model = write_tiny_bundle(tmp_path / "scratch", seed=7)
+    renames = 0
+    real_replace = Path.replace
+
+    def replace(self: Path, target: Path) -> Path:
+        nonlocal renames
+        renames += 1
+        if renames == crash_at:
+            raise KeyboardInterrupt("the process dies here")
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_bundle(folder, new_card, new_model, "float32")
+    monkeypatch.undo()
+    on_disk = load_file(str(folder / WEIGHTS_FILE))
+    new_weights = all(torch.equal(on_disk[k], v) for k, v in new_model.state_dict().items())
+    assert not (new_weights and read_card(folder).version == old_card.version)
+    if read_card(folder) == old_card:
+        loaded = load_bundle(folder)  # the old bundle, whole
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(loaded.model(x), old_model(x))
+    else:
+        with pytest.raises(BundleError, match=r"a save was interrupted.*model.safetensors.tmp"):
+            load_bundle(folder)
+        (folder / (WEIGHTS_FILE + ".tmp")).replace(folder / WEIGHTS_FILE)  # what the message says to do
+        assert load_bundle(folder).card == new_card
+
+
+def test_a_hand_edited_card_still_loads(tmp_path: Path) -> None:
+    """The check for an interrupted save looks only at a pending ``.tmp``: editing a card is not refused."""
+    folder, _, _ = write_tiny_bundle(tmp_path / "b")
+    data = json.loads((folder / CARD_FILE).read_text())
+    data["description"] = "edited by hand"
+    (folder / CARD_FILE).write_text(json.dumps(data))
+    assert load_bundle(folder).card.description == "edited by hand"

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model.bundle import load_bundle
+from model.config import ENCODERS
 from model.encoders import EfficientNetLiteEncoder, EncoderSpec, imagenet_checkpoint, load_imagenet
 from model.train import TrainConfig, ema_warmup_fn, train
 from model.unet import UNet, UNetConfig
@@ -75,6 +76,9 @@ def test_the_variants_have_their_releases_stages() -> None:
     assert EncoderSpec.of("efficientnet-lite2").channels == (16, 24, 48, 120, 352)
     with pytest.raises(ValueError, match="unknown encoder"):
         EncoderSpec.of("resnet34")
+    # Every encoder a card may name (model.config, read without torch) is one this module builds.
+    for name in ENCODERS[1:]:
+        assert EncoderSpec.of(name).name == name
 
 
 @pytest.mark.parametrize(("h", "w"), [(1, 1), (31, 45), (64, 64), (100, 7)])

@@ -1,0 +1,183 @@
+"""The engine process: the models and the batching engine, shared by every front end of the host.
+
+    python -m app.procs.server --socket PATH      (started by ``unetseg serve --workers N``; settings: UNETSEG_*)
+
+It listens on the Unix socket at once (front ends ask whether it is ready) and loads and warms up the models
+in a background thread. Each ``run`` message becomes a request on the in-process ``Engine``: its memory is
+reserved from the one budget of the host, its inputs batched with every front end's, the mask written into
+the front end's shared array. A front end that goes away takes its requests with it: they are cancelled
+and their memory is freed. SIGTERM stops accepting connections, finishes what is queued, and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.config import Settings
+from app.engine import Engine
+from app.errors import ServiceError
+from app.logs import configure_logging
+from app.main import io_pool, local_engine
+from app.procs.protocol import SharedArray, encode, receive
+
+log = logging.getLogger("unetseg.engine")
+
+
+class EngineServer:
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.ready = threading.Event()
+        self.error: str | None = None
+        self.pool = io_pool(settings, "engine-io")
+
+    def start_models(self) -> None:
+        """(a thread) Warm the models up; the front ends turn ready when this is done."""
+        try:
+            self.engine.start(warmup=self.settings.warmup)
+        except Exception as exc:
+            self.error = f"warm-up failed: {type(exc).__name__}: {exc}"
+            log.exception("model warm-up failed")
+            return
+        self.ready.set()
+        log.info("engine ready: %s on %s", ", ".join(self.engine.models), self.engine.device)
+
+    def hello(self) -> dict[str, Any]:
+        return {
+            "default_model": self.engine.default_model,
+            "models": [
+                {
+                    "card": m.card.to_dict(),
+                    "device": m.device_name,
+                    "precision": m.precision,
+                    "graph": m.graph,
+                    "max_batch": m.max_batch,
+                }
+                for m in self.engine.models.values()
+            ],
+        }
+
+    def status(self) -> dict[str, Any]:
+        failure = self.error or self.engine.failure()
+        return {
+            "ready": self.ready.is_set() and failure is None,
+            "failure": failure,
+            "models": {
+                name: {
+                    "queue_depth": m.queue_depth,
+                    "rejected": m.rejected,
+                    "load_s": m.load_s,
+                    "graph": m.graph,
+                    "max_batch": m.max_batch,
+                    "batches": {str(k): v for k, v in m.batch_counts().items()},
+                }
+                for name, m in self.engine.models.items()
+            },
+            "gpu": {k: list(v) for k, v in self.engine.gpu_memory().items()},
+        }
+
+    async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One front end: its messages, and the tasks of its requests (cancelled when it goes away)."""
+        tasks: dict[int, asyncio.Task[None]] = {}
+        try:
+            while (message := await receive(reader)) is not None:
+                op = message.get("op")
+                if op == "run":
+                    rid = int(message["id"])
+                    tasks[rid] = task = asyncio.create_task(self.run(message, writer))
+                    task.add_done_callback(lambda _, rid=rid: tasks.pop(rid, None))  # type: ignore[misc]
+                elif op == "cancel":
+                    running = tasks.get(int(message["id"]))
+                    if running is not None:
+                        running.cancel()
+                elif op == "hello":
+                    writer.write(encode({"op": "hello", **self.hello()}))
+                elif op == "status":
+                    writer.write(encode({"op": "status", **self.status()}))
+        finally:
+            for task in list(tasks.values()):
+                task.cancel()
+            writer.close()
+
+    async def run(self, message: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        rid = int(message["id"])
+        loop = asyncio.get_running_loop()
+        arrays: list[SharedArray] = []
+        reply: dict[str, Any]
+        try:
+            h, w = (int(v) for v in message["size"])
+            image = SharedArray.attach(message["input"], tuple(message["shape"]), np.uint8)
+            mask = SharedArray.attach(message["mask"], (h, w), np.uint8)
+            arrays += [image, mask]
+            ids = SharedArray.attach(message["ids"], (h, w), np.int32) if message.get("ids") else None
+            if ids is not None:
+                arrays.append(ids)
+            assert image.array is not None and mask.array is not None
+            args = (message["model"], image.array, (h, w), bool(message["instances"]), int(message["extra_bytes"]))
+            prepared = await loop.run_in_executor(self.pool, self.engine.prepare, *args)
+            try:
+                timing = await self.engine.run(prepared, background=bool(message.get("background")))
+                classes, found = await loop.run_in_executor(self.pool, self.engine.finish, prepared)
+                mask.array[:] = classes
+                if ids is not None and ids.array is not None and found is not None:
+                    ids.array[:] = found
+            finally:
+                self.engine.release(prepared)
+                del prepared  # its views of the shared input go before the mapping is closed
+            reply = {"timing": [timing.queue_s, timing.model_s, timing.post_s]}
+        except ServiceError as exc:
+            reply = {"error": {"status": exc.status_code, "detail": exc.detail, "headers": exc.headers}}
+        except Exception as exc:  # a malformed message, a vanished array, a bug: that request's 500, logged
+            log.exception("request %d from a front end failed", rid)
+            reply = {"error": {"status": 500, "detail": f"inference failed: {type(exc).__name__}: {exc}"}}
+        finally:
+            for array in arrays:
+                array.close()
+        if not writer.is_closing():
+            writer.write(encode({"op": "run", "id": rid, **reply}))
+
+
+async def serve(settings: Settings, socket_path: Path) -> int:
+    engine = local_engine(settings)
+    server = EngineServer(engine, settings)
+    threading.Thread(target=server.start_models, name="engine-warmup", daemon=True).start()
+    socket_path.unlink(missing_ok=True)
+    listener = await asyncio.start_unix_server(server.connection, path=str(socket_path))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("engine process %d listening on %s", os.getpid(), socket_path)
+    await stop.wait()
+    listener.close()
+    # What the front ends still wait for finishes; they are stopped first by the supervisor.
+    await loop.run_in_executor(None, engine.stop)
+    server.pool.shutdown(wait=True)
+    with contextlib.suppress(FileNotFoundError):
+        socket_path.unlink()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m app.procs.server", description="The engine process of serve --workers.")
+    p.add_argument("--socket", type=Path, required=True, help="the Unix socket to listen on")
+    args = p.parse_args(argv)
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+    return asyncio.run(serve(settings, args.socket))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
