@@ -35,7 +35,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from app.config import Settings
-from app.errors import ServiceError
+from app.errors import ServiceError, StoreUnavailable
 from app.jobs import engine as adapter
 from app.jobs.pipeline import IMAGE_RESULTS, INPUT, OUT, SLIDE_RESULTS, SlideParams, run_image, run_slide
 from app.jobs.store import ORPHAN_GRACE_S, Job, JobFiles, JobStore, open_job_files, owner_token
@@ -84,9 +84,15 @@ class _JobCounts(Collector):
     def collect(self) -> list[Metric]:
         service: JobService | None = getattr(self.app.state, "jobs", None)
         gauge = GaugeMetricFamily("unetseg_jobs", "Jobs in the store by state (every replica's).", labels=["state"])
-        if service is not None:
-            for state, n in service.store.counts().items():
-                gauge.add_metric([state], n)
+        if service is None:
+            return [gauge]
+        gate = self.app.state.unetseg.store_gate
+        try:  # as the uploads' series: a store that does not answer costs the scrape a second, then nothing
+            counts = gate.run_now(service.store.counts) if gate is not None else service.store.counts()
+        except StoreUnavailable:
+            return []  # unetseg_store_up says why
+        for state, n in counts.items():
+            gauge.add_metric([state], n)
         return [gauge]
 
 
