@@ -112,7 +112,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.unetseg
     s = state.settings
     if s.engine_socket:
-        async with _remote(state):
+        async with _remote(app):
             yield
         return
     engine = local_engine(s)
@@ -135,11 +135,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 @asynccontextmanager
-async def _remote(state: AppState) -> AsyncIterator[None]:
+async def _remote(app: FastAPI) -> AsyncIterator[None]:
     """A front end's lifespan: the engine process's client (ready once that process says its models are warm),
-    the store and the I/O threads."""
+    the store, the I/O threads and the jobs (run only by the front end the supervisor lets run them)."""
     from app.procs.client import RemoteEngine
 
+    state: AppState = app.state.unetseg
     s = state.settings
     engine = RemoteEngine(s.engine_socket, s.default_model)
     state.engine = engine
@@ -148,7 +149,8 @@ async def _remote(state: AppState) -> AsyncIterator[None]:
     state.executor = concurrent.futures.ThreadPoolExecutor(s.io_threads or os.cpu_count() or 1, "unetseg-io")
     await engine.start(on_ready=state.ready.set)
     try:
-        yield
+        async with job_lifespan(app):
+            yield
     finally:
         state.ready.clear()
         await engine.stop()

@@ -7,6 +7,7 @@ import contextlib
 import csv
 import io
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from PIL import Image
 
 from app.config import Settings
 from app.main import create_app
+from app.procs.supervisor import Supervisor
 from model.bundle import InstanceSpec, SlideSpec
 from tests.backends import S3_ENV, new_bucket, postgres_database, s3_emulator
 from tests.conftest import make_settings, wait_ready
@@ -349,3 +351,23 @@ def test_the_card_names_the_level_by_microns_per_pixel(tmp_path: Path) -> None:
         assert start(c, slide_bytes(cells(600, 520)), level=0)["input"]["level"] == 0  # the request's
         done = wait_job(c, job["id"])
         assert done["state"] == "done" and done["info"]["mpp"] == 1.0 and done["info"]["width"] == 260
+
+
+def test_a_front_end_of_serve_workers_opens_the_jobs(tmp_path: Path) -> None:
+    """A front end (its models in an engine process, here one that never answers) opens the jobs at start-up:
+    its job routes answer from the store, ready or not."""
+    app = create_app(Settings(data_dir=tmp_path / "data", engine_socket=str(tmp_path / "engine.sock")))
+    with TestClient(app) as c:
+        assert app.state.jobs.runner is not None
+        listing = c.get("/v1/jobs")
+        assert listing.status_code == 200 and listing.json()["items"] == []
+        assert c.get(f"/v1/jobs/{'0' * 32}").status_code == 404
+
+
+@pytest.mark.parametrize(("concurrency", "want"), [(2, ["2", "0", "0"]), (0, ["0", "0", "0"])])
+def test_only_the_first_front_end_runs_jobs(tmp_path: Path, concurrency: int, want: list[str]) -> None:
+    supervisor = Supervisor(Settings(data_dir=tmp_path / "data", job_concurrency=concurrency), 3, 1.0)
+    try:
+        assert [supervisor.front_env_of(i)["UNETSEG_JOB_CONCURRENCY"] for i in range(3)] == want
+    finally:
+        shutil.rmtree(supervisor.rundir)
