@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 
 from app.config import Settings
-from app.errors import Overloaded
+from app.errors import NotReady, Overloaded
 from app.heap import trim_memory
 from app.inference import Inference
 from app.pipeline import Answer, Ask, predict, segment
@@ -56,12 +56,13 @@ def tiles_for(card: Card, height: int, width: int) -> int:
 
 async def _with_room(attempt: Callable[[], Awaitable[T]]) -> T:
     """``attempt()``, tried again with a growing pause while the engine has no room (its queue full, or the
-    memory budget held by others); no time limit: a job waits as long as it takes."""
+    memory budget held by others) or does not answer (the engine process of ``serve --workers`` restarting);
+    no time limit: a job waits as long as it takes."""
     backoff = 0.1
     while True:
         try:
             return await attempt()
-        except Overloaded as exc:
+        except (Overloaded, NotReady) as exc:
             wait = min(MAX_BACKOFF_S, backoff, float(exc.headers.get("Retry-After", "1")))
             log.debug("job work waits %.1f s: %s", wait, exc.detail)
             await asyncio.sleep(wait)
