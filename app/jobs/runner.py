@@ -193,9 +193,16 @@ class JobRunner:
                 await t
 
     async def _heartbeat(self, job: Job, progress: dict[str, Any], task: asyncio.Task[None]) -> None:
+        """Renew the job's heartbeat until it ends; stop ``task`` when the job is no longer this runner's. A
+        renewal that fails (the database away for a moment) is tried again at the next beat."""
         while True:
             await asyncio.sleep(self.settings.job_lease_s / 3)
-            if not await self.service.call(self.service.store.beat, job.id, self.owner, dict(progress)):
+            try:
+                ours = await self.service.call(self.service.store.beat, job.id, self.owner, dict(progress))
+            except Exception:
+                log.exception("renewing the heartbeat of job %s failed", job.id)
+                continue
+            if not ours:
                 self.lost.add(job.id)
                 task.cancel()
                 return
