@@ -39,7 +39,7 @@ from app.jobs.pipeline import INPUT, SLIDE_RESULTS
 from app.jobs.runner import JobService, result_files
 from app.jobs.slide import Slide, is_tiff
 from app.jobs.store import ACTIVE, Job, new_job_id
-from app.routes.bodies import FORM_TYPES, PREDICT_BODY, _missing, _present, is_raw, media_type
+from app.routes.bodies import FORM_TYPES, _missing, _present, image_body, is_raw, media_type
 from app.routes.errors import ERRORS, RETRY_AFTER, _error
 from app.store import UploadStore
 from model.card import SlideSpec
@@ -322,7 +322,7 @@ def _probe(
         "bbox per instance) and `geojson` (their outlines); `json`: per-class areas and the instance count.\n"
         "- `format=auto` (default): `slide` for a pyramidal TIFF or one over `UNETSEG_MAX_PIXELS`, else `png`."
     ),
-    openapi_extra={"requestBody": PREDICT_BODY},
+    openapi_extra={"requestBody": image_body("Job")},
     responses={
         202: {"headers": {"Location": {"description": "The job's URL.", "schema": {"type": "string"}}}},
         **{k: JOB_ERRORS[k] for k in (400, 401, 404, 413, 415, 422, 503)},
