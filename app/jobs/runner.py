@@ -147,7 +147,11 @@ class JobRunner:
             while len(self.tasks) < self.settings.job_concurrency:
                 try:
                     job, failed = await self.service.call(
-                        self.service.store.claim, self.owner, self.settings.job_lease_s, self.settings.job_attempts
+                        self.service.store.claim,
+                        self.owner,
+                        self.settings.job_lease_s,
+                        self.settings.job_attempts,
+                        frozenset(self.tasks),
                     )
                 except Exception:  # the database away for a moment: the next poll tries again
                     log.exception("claiming a job failed")

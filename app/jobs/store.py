@@ -25,7 +25,7 @@ import socket
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -200,8 +200,12 @@ class JobStore:
         with self._read() as rows:
             return {str(r[0]) for r in rows.execute("SELECT id FROM jobs").fetchall()}
 
-    def claim(self, owner: str, lease_s: float, attempts: int) -> tuple[Job | None, list[Job]]:
+    def claim(
+        self, owner: str, lease_s: float, attempts: int, busy: Collection[str] = ()
+    ) -> tuple[Job | None, list[Job]]:
         """Take back abandoned running jobs, then hand ``owner`` the oldest queued one (running, attempt + 1).
+        ``busy``: the jobs ``owner`` is running now, never handed to it again (nor taken back from it when their
+        heartbeat is late).
 
         Returns (the claimed job or None, the jobs failed now for having had ``attempts`` starts)."""
         now = self.clock()
@@ -212,6 +216,8 @@ class JobStore:
                 for r in rows.execute(f"SELECT {COLUMNS} FROM jobs WHERE state = 'running'").fetchall()
             ]
             for job in running:
+                if job.id in busy and job.owner == owner:
+                    continue
                 stale = job.heartbeat_at is None or now - job.heartbeat_at > lease_s
                 if not (stale or owner_gone(job.owner, owner)):
                     continue
@@ -227,9 +233,10 @@ class JobStore:
                 else:
                     job = replace(job, state="queued", info={**job.info, "interrupted": job.owner})
                 self._put(rows, job)
-            row = rows.execute(
-                f"SELECT {COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY created_at, id LIMIT 1"
-            ).fetchone()
+            found = rows.execute(
+                f"SELECT {COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY created_at, id LIMIT ?", (len(busy) + 1,)
+            ).fetchall()
+            row = next((r for r in found if str(r[0]) not in busy), None)
             if row is None:
                 return None, failed
             job = Job.from_row(tuple(row))

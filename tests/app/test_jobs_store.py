@@ -193,3 +193,18 @@ def test_job_rows_survive_reopening_the_store(settings: Settings) -> None:
     with opened(settings, clock) as (_, jobs):
         again = jobs.get(job.id)
         assert again is not None and replace(again) == job
+
+
+def test_a_replica_is_never_handed_a_job_it_runs_already(settings: Settings) -> None:
+    clock = Clock()
+    with opened(settings, clock) as (_, jobs):
+        job = jobs.create(queued(clock))
+        assert jobs.claim("h:1:me", 30, 3)[0] is not None
+        clock.now += 31  # its heartbeat is late (the store was slow), but the replica still runs it
+        assert jobs.claim("h:1:me", 30, 3, busy={job.id}) == (None, [])
+        got = jobs.get(job.id)
+        assert got is not None and got.state == "running" and got.owner == "h:1:me" and got.attempts == 1
+        assert jobs.finish(job.id, "h:1:me", "queued") is not None  # queued again before its run noticed
+        assert jobs.claim("h:1:me", 30, 3, busy={job.id}) == (None, [])
+        again, _ = jobs.claim("h:1:me", 30, 3)  # once its run has ended
+        assert again is not None and again.id == job.id
