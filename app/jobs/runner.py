@@ -12,7 +12,9 @@ takes back the jobs of replicas that died.
   it is failed with the reason instead. A replica stopped in order (SIGTERM) gives its jobs back at once.
 - **Retention.** Finished jobs older than ``UNETSEG_JOB_RETENTION_S`` and job folders that never got a row
   are removed, at start-up and then every ``SWEEP_S``.
-- Jobs run in their own threads (``job_concurrency + 1``), never in the I/O threads of interactive requests.
+- Jobs run in their own threads (``job_concurrency + 1``), never in the I/O threads of interactive requests;
+  the runner's heartbeats, claims and ends of runs (short row operations) in two more, never behind a job's
+  long file work (writing outputs, uploads to a bucket), so a busy replica does not miss its lease.
 """
 
 from __future__ import annotations
@@ -110,11 +112,17 @@ class JobService:
     store: JobStore
     files: JobFiles
     executor: concurrent.futures.ThreadPoolExecutor
+    rows: concurrent.futures.ThreadPoolExecutor
     runner: JobRunner | None = None
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """A store call, off the event loop (in the jobs' threads: never the interactive I/O threads')."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def row(self, fn: Callable[..., T], *args: Any) -> T:
+        """A short row operation of the runner (a heartbeat, a claim, a run's end), in threads of its own: never
+        queued behind the long file work that fills the jobs' threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.rows, fn, *args)
 
 
 @dataclass
@@ -146,7 +154,7 @@ class JobRunner:
                     log.exception("job sweep failed")
             while len(self.tasks) < self.settings.job_concurrency:
                 try:
-                    job, failed = await self.service.call(
+                    job, failed = await self.service.row(
                         self.service.store.claim,
                         self.owner,
                         self.settings.job_lease_s,
@@ -202,7 +210,7 @@ class JobRunner:
         while True:
             await asyncio.sleep(self.settings.job_lease_s / 3)
             try:
-                ours = await self.service.call(self.service.store.beat, job.id, self.owner, dict(progress))
+                ours = await self.service.row(self.service.store.beat, job.id, self.owner, dict(progress))
             except Exception:
                 log.exception("renewing the heartbeat of job %s failed", job.id)
                 continue
@@ -233,13 +241,13 @@ class JobRunner:
             if job.id in self.lost:  # cancelled (or taken over): whoever has it now owns its files
                 self.lost.discard(job.id)
                 log.info("job %s stopped: it was cancelled or taken over", job.id)
-                latest = await self.service.call(store.get, job.id)
+                latest = await self.service.row(store.get, job.id)
                 if latest is None or latest.state == "cancelled":
                     await self.service.call(files.delete, job.id)
                 return
             if self.stopping:  # an orderly stop: the job goes back to the queue, its regions kept
                 give_back = functools.partial(store.finish, job.id, self.owner, "queued", progress=progress)
-                await asyncio.shield(self.service.call(give_back))
+                await asyncio.shield(self.service.row(give_back))
             raise
         except ServiceError as exc:
             changes = {"error": exc.detail}
@@ -248,9 +256,9 @@ class JobRunner:
             changes = {"error": f"internal error: {type(exc).__name__}: {exc}"}
         finally:
             beat.cancel()
-        ended = await self.service.call(functools.partial(store.finish, job.id, self.owner, state, **changes))
+        ended = await self.service.row(functools.partial(store.finish, job.id, self.owner, state, **changes))
         if ended is None:  # cancelled (or taken over) while it was finishing
-            latest = await self.service.call(store.get, job.id)
+            latest = await self.service.row(store.get, job.id)
             if latest is None or latest.state == "cancelled":
                 await self.service.call(files.delete, job.id)
             return
@@ -300,7 +308,7 @@ class JobRunner:
             now = time.monotonic()
             if now - last >= PROGRESS_EVERY_S or p["stage"] != "segmenting":
                 last = now
-                if not await self.service.call(self.service.store.beat, job.id, self.owner, dict(progress)):
+                if not await self.service.row(self.service.store.beat, job.id, self.owner, dict(progress)):
                     self.lost.add(job.id)
                     raise JobLost(job.id)
 
@@ -340,8 +348,9 @@ async def job_lifespan(app: FastAPI) -> AsyncIterator[None]:
     assert state.store is not None
     s = state.settings
     executor = concurrent.futures.ThreadPoolExecutor(s.job_concurrency + 1, "unetseg-jobs")
+    rows = concurrent.futures.ThreadPoolExecutor(2, "unetseg-job-rows")
     files = open_job_files(state.store.blobs, Path(s.data_dir))
-    service = JobService(s, JobStore(state.store.meta, s.max_jobs), files, executor)
+    service = JobService(s, JobStore(state.store.meta, s.max_jobs), files, executor, rows)
     runner = JobRunner(service, state, getattr(app.state, "job_metrics", None))
     service.runner = runner
     app.state.jobs = service
@@ -355,3 +364,4 @@ async def job_lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await task
         await runner.stop()
         executor.shutdown(wait=True)
+        rows.shutdown(wait=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,12 +39,14 @@ def a_runner(tmp_path: Path, **kw: Any) -> Iterator[JobRunner]:
     settings = Settings(data_dir=tmp_path / "data", **kw)
     uploads = open_store(settings)
     executor = concurrent.futures.ThreadPoolExecutor(settings.job_concurrency + 1, "test-jobs")
+    rows = concurrent.futures.ThreadPoolExecutor(2, "test-job-rows")
     try:
         files = open_job_files(uploads.blobs, settings.data_dir)
-        service = JobService(settings, JobStore(uploads.meta), files, executor)
+        service = JobService(settings, JobStore(uploads.meta), files, executor, rows)
         yield JobRunner(service, AppState(settings=settings))
     finally:
         executor.shutdown(wait=True)
+        rows.shutdown(wait=True)
         uploads.close()
 
 
@@ -85,5 +88,36 @@ def test_a_heartbeat_that_fails_is_tried_again(tmp_path: Path, monkeypatch: pyte
                 for t in (heartbeat, waiting, work):
                     t.cancel()
                 await asyncio.gather(heartbeat, waiting, work, return_exceptions=True)
+
+        asyncio.run(check())
+
+
+def test_a_heartbeat_is_not_held_up_by_long_file_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with a_runner(tmp_path, job_lease_s=0.03, job_concurrency=1) as runner:
+        store = runner.service.store
+        job = running_job(runner)
+        renew = store.beat
+        release = threading.Event()
+
+        async def check() -> None:
+            loop = asyncio.get_running_loop()
+            beaten = asyncio.Event()
+
+            def beat(job_id: str, owner: str, progress: dict[str, Any] | None = None) -> bool:
+                loop.call_soon_threadsafe(beaten.set)
+                return renew(job_id, owner, progress)
+
+            monkeypatch.setattr(store, "beat", beat)
+            # every one of the jobs' threads busy with long work (outputs written, uploaded to a bucket)
+            held = [loop.run_in_executor(runner.service.executor, release.wait) for _ in range(2)]
+            work = asyncio.create_task(asyncio.Event().wait())
+            heartbeat = asyncio.create_task(runner._heartbeat(job, {}, work))
+            try:
+                await asyncio.wait_for(beaten.wait(), 60)
+            finally:
+                release.set()
+                heartbeat.cancel()
+                work.cancel()
+                await asyncio.gather(heartbeat, work, *held, return_exceptions=True)
 
         asyncio.run(check())
