@@ -273,14 +273,18 @@ class JobStore:
             self._put(rows, job)
         return job
 
-    def cancel(self, job_id: str) -> Job | None:
-        """Mark a queued or running job cancelled (its runner stops at its next heartbeat); the job as it is now."""
+    def cancel(self, job_id: str) -> tuple[Job, str] | None:
+        """Mark a queued or running job cancelled (its runner stops at its next heartbeat). Returns (the job as it
+        is now, the state it was in): a job that had finished is left as it was. None when there is no such job."""
         with self._write() as rows:
             job = self._get(rows, job_id)
-            if job is not None and job.state in ACTIVE:
+            if job is None:
+                return None
+            was = job.state
+            if was in ACTIVE:
                 job = replace(job, state="cancelled", finished_at=self.clock(), error="cancelled by a DELETE")
                 self._put(rows, job)
-        return job
+        return job, was
 
     def delete(self, job_id: str) -> bool:
         with self._write() as rows:

@@ -484,22 +484,24 @@ async def get_result(
     summary="Cancel or remove a job",
     response_model=JobOut,
     description="A queued or running job is cancelled (200, the job): it stops within a heartbeat and its files "
-    "are removed; it stays listed as cancelled. A finished (or cancelled) job is removed with its results (204).",
+    "are removed; it stays listed as cancelled (one that finished meanwhile is answered as it is, 200). A finished "
+    "(or cancelled) job is removed with its results (204).",
     responses={204: {"description": "Removed."}, **{k: JOB_ERRORS[k] for k in (401, 404)}},
 )
 async def delete_job(request: Request, job_id: JobId) -> Response:
     service = get_jobs(request)
     job = await _find(service, job_id)
     if job.state in ACTIVE:
-        cancelled = await service.call(service.store.cancel, job_id)
-        if cancelled is None:
+        found = await service.call(service.store.cancel, job_id)
+        if found is None:
             raise UnknownJob(f"no job with id {job_id!r}")
-        if job.state == "queued":
+        now, was = found  # the state it was in when cancelled: it may have started or ended since it was read
+        if was == "queued":  # it never ran: its files are nobody's
             await service.call(service.files.delete, job_id)
-        if service.runner is not None and job_id in service.runner.tasks:
+        elif was == "running" and service.runner is not None and job_id in service.runner.tasks:
             service.runner.lost.add(job_id)
             service.runner.tasks[job_id].cancel()
-        return JSONResponse(job_out(cancelled).model_dump(mode="json"))
+        return JSONResponse(job_out(now).model_dump(mode="json"))
     await service.call(service.files.delete, job_id)
     await service.call(service.store.delete, job_id)
     return Response(status_code=204)

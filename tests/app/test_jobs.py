@@ -249,6 +249,31 @@ def test_cancel_a_queued_job_then_remove_it(tmp_path: Path, jobs_weights: Path) 
         assert c.get("/v1/jobs/..%2F..%2Fetc").status_code == 404
 
 
+def test_a_job_that_ends_as_it_is_cancelled_keeps_its_results(
+    tmp_path: Path, jobs_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DELETE reads the job queued, but it has run and ended by the time it is cancelled: nothing is removed."""
+    app = create_app(jobs_settings(tmp_path, jobs_weights, job_concurrency=0))
+    with TestClient(app) as c:
+        wait_ready(c)
+        job = start(c, image_bytes(40, 30), PNG)
+        store = app.state.jobs.store
+        seen = store.get(job["id"])
+        assert seen is not None and seen.state == "queued"
+        store.claim("elsewhere:1:x", 30, 3)  # another replica runs it to the end
+        result = tmp_path / "data" / "jobs" / job["id"] / "out" / "result.png"
+        result.parent.mkdir()
+        result.write_bytes(b"png")
+        results = {"png": {"bytes": 3, "media_type": "image/png"}}
+        assert store.finish(job["id"], "elsewhere:1:x", "done", results=results) is not None
+        monkeypatch.setattr(store, "get", lambda job_id: seen)  # the read DELETE decides on, from before
+        r = c.delete(f"/v1/jobs/{job['id']}")
+        assert r.status_code == 200 and r.json()["state"] == "done"
+        assert result.read_bytes() == b"png"
+        monkeypatch.undo()
+        assert c.get(f"/v1/jobs/{job['id']}/result").content == b"png"
+
+
 def test_cancel_a_running_slide_job(client: TestClient, tmp_path: Path) -> None:
     job = start(client, slide_bytes(cells(2048, 1536), levels=2), model="cells")  # 48 regions
     deadline = time.monotonic() + 60

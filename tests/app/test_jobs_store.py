@@ -146,7 +146,7 @@ def test_cancel_give_back_and_retention(settings: Settings) -> None:
         back = jobs.finish(a.id, "h:1:x", "queued")  # an orderly stop: this start does not count
         assert back is not None and back.state == "queued" and back.attempts == 0 and back.owner is None
         cancelled = jobs.cancel(a.id)
-        assert cancelled is not None and cancelled.state == "cancelled"
+        assert cancelled is not None and cancelled[0].state == "cancelled" and cancelled[1] == "queued"
         assert jobs.claim("h:1:x", 30, 3)[0] is not None  # the other one; the cancelled one never runs
         clock.now += 100
         assert jobs.expired(50) == [a.id]
@@ -208,3 +208,14 @@ def test_a_replica_is_never_handed_a_job_it_runs_already(settings: Settings) -> 
         assert jobs.claim("h:1:me", 30, 3, busy={job.id}) == (None, [])
         again, _ = jobs.claim("h:1:me", 30, 3)  # once its run has ended
         assert again is not None and again.id == job.id
+
+
+def test_cancel_tells_the_state_it_found(settings: Settings) -> None:
+    clock = Clock()
+    with opened(settings, clock) as (_, jobs):
+        job = jobs.create(queued(clock))
+        jobs.claim("h:1:x", 30, 3)
+        done = jobs.finish(job.id, "h:1:x", "done")
+        assert jobs.cancel(job.id) == (done, "done")  # it had ended: left as it was
+        assert jobs.get(job.id) == done
+        assert jobs.cancel(new_job_id()) is None
