@@ -32,6 +32,7 @@ from typing import Any
 
 from app.errors import Overloaded
 from app.store import Blobs, Metadata
+from app.store.s3 import is_missing, unavailable_as_503
 from app.store.sql import SqlRows
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -409,7 +410,8 @@ class FileJobFiles(JobFiles):
 
 
 class S3JobFiles(JobFiles):
-    """``<prefix>/jobs/<id>/...`` objects, worked on in a local cache folder (``<data>/jobs-cache/<id>``)."""
+    """``<prefix>/jobs/<id>/...`` objects, worked on in a local cache folder (``<data>/jobs-cache/<id>``). A bucket
+    that does not answer (or answers 5xx) is ``StoreUnavailable`` (503), as for the uploads."""
 
     def __init__(self, client: Any, bucket: str, prefix: str, cache: Path) -> None:
         self.client, self.bucket, self.prefix = client, bucket, prefix
@@ -425,12 +427,14 @@ class S3JobFiles(JobFiles):
         return d
 
     def save(self, job_id: str, rel: str) -> None:
-        self.client.upload_file(str(self.cache / job_id / rel), self.bucket, self.key(job_id, rel))
+        with unavailable_as_503():
+            self.client.upload_file(str(self.cache / job_id / rel), self.bucket, self.key(job_id, rel))
 
     def _objects(self, prefix: str) -> Iterator[dict[str, Any]]:
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
-        for page in pages:
-            yield from page.get("Contents", [])
+        with unavailable_as_503():
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            for page in pages:
+                yield from page.get("Contents", [])
 
     def fetch(self, job_id: str) -> None:
         base = self.key(job_id)
@@ -440,39 +444,44 @@ class S3JobFiles(JobFiles):
             if rel and not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
-                self.client.download_file(self.bucket, obj["Key"], str(tmp))
+                with unavailable_as_503():
+                    self.client.download_file(self.bucket, obj["Key"], str(tmp))
                 os.replace(tmp, target)
 
     def size(self, job_id: str, rel: str) -> int | None:
+        """The object's size; None only when there is no such object."""
         from botocore.exceptions import ClientError
 
-        try:
-            return int(self.client.head_object(Bucket=self.bucket, Key=self.key(job_id, rel))["ContentLength"])
-        except ClientError:
-            return None
+        with unavailable_as_503():
+            try:
+                return int(self.client.head_object(Bucket=self.bucket, Key=self.key(job_id, rel))["ContentLength"])
+            except ClientError as exc:
+                if is_missing(exc):
+                    return None
+                raise
 
     def chunks(self, job_id: str, rel: str, chunk: int = 1024 * 1024) -> Iterator[bytes]:
-        body = self.client.get_object(Bucket=self.bucket, Key=self.key(job_id, rel))["Body"]
-        try:
-            yield from body.iter_chunks(chunk)
-        finally:
-            body.close()
+        with unavailable_as_503():
+            body = self.client.get_object(Bucket=self.bucket, Key=self.key(job_id, rel))["Body"]
+            with contextlib.closing(body):
+                yield from body.iter_chunks(chunk)
 
     def local(self, job_id: str, rel: str) -> Path | None:
         return None  # the cache may be stale or partial: results are read from the bucket
 
+    def _delete(self, keys: list[dict[str, str]]) -> None:
+        for i in range(0, len(keys), 1000):
+            with unavailable_as_503():
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i : i + 1000]})
+
     def delete(self, job_id: str) -> None:
         shutil.rmtree(self.cache / job_id, ignore_errors=True)
-        keys = [{"Key": o["Key"]} for o in self._objects(self.key(job_id))]
-        for i in range(0, len(keys), 1000):
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i : i + 1000]})
+        self._delete([{"Key": o["Key"]} for o in self._objects(self.key(job_id))])
 
     def prune(self, job_id: str) -> None:
         shutil.rmtree(self.cache / job_id, ignore_errors=True)
         base = self.key(job_id)
-        keys = [{"Key": o["Key"]} for o in self._objects(base) if not o["Key"].startswith(base + "out/")]
-        for i in range(0, len(keys), 1000):
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i : i + 1000]})
+        self._delete([{"Key": o["Key"]} for o in self._objects(base) if not o["Key"].startswith(base + "out/")])
 
     def job_ids(self) -> Iterator[tuple[str, float]]:
         newest: dict[str, float] = {}

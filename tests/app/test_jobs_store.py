@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
 
 from app.config import Settings
-from app.errors import Overloaded
+from app.errors import Overloaded, StoreUnavailable
 from app.jobs.store import Job, JobFiles, JobStore, S3JobFiles, new_job_id, open_job_files, owner_gone, owner_token
 from app.store import UploadStore, open_store
 from tests.backends import S3_ENV, new_bucket, postgres_database, s3_emulator
@@ -219,3 +220,50 @@ def test_cancel_tells_the_state_it_found(settings: Settings) -> None:
         assert jobs.cancel(job.id) == (done, "done")  # it had ended: left as it was
         assert jobs.get(job.id) == done
         assert jobs.cancel(new_job_id()) is None
+
+
+class Failing:
+    """An S3 client every call of which raises ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __getattr__(self, name: str) -> Any:
+        def call(*args: Any, **kw: Any) -> Any:
+            raise self.error
+
+        return call
+
+
+def client_error(code: str, status: int) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "op")
+
+
+@pytest.mark.parametrize(
+    "error", [EndpointConnectionError(endpoint_url="http://s3.invalid"), client_error("SlowDown", 503)]
+)
+def test_a_bucket_that_does_not_answer_is_a_503_for_job_files(tmp_path: Path, error: Exception) -> None:
+    job_id = new_job_id()
+    files = S3JobFiles(Failing(error), "bucket", "jobs/", tmp_path / "cache")
+    (files.workdir(job_id) / "input").write_bytes(b"x")
+    calls = [
+        lambda: files.save(job_id, "input"),
+        lambda: files.fetch(job_id),
+        lambda: files.size(job_id, "out/mask.tiff"),
+        lambda: b"".join(files.chunks(job_id, "out/mask.tiff")),
+        lambda: files.delete(job_id),
+        lambda: files.prune(job_id),
+        lambda: list(files.job_ids()),
+    ]
+    for call in calls:
+        with pytest.raises(StoreUnavailable, match="unavailable"):
+            call()
+
+
+def test_a_job_file_is_missing_only_when_the_bucket_says_so(tmp_path: Path) -> None:
+    job_id = new_job_id()
+    missing = S3JobFiles(Failing(client_error("404", 404)), "bucket", "jobs/", tmp_path / "cache")
+    assert missing.size(job_id, "out/mask.tiff") is None
+    refused = S3JobFiles(Failing(client_error("AccessDenied", 403)), "bucket", "jobs/", tmp_path / "cache")
+    with pytest.raises(ClientError):  # not "no such result": the bucket refused to say
+        refused.size(job_id, "out/mask.tiff")
