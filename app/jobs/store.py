@@ -346,6 +346,11 @@ class JobFiles(ABC):
         """The file's path when it is on this machine's disk, for serving it directly."""
 
     @abstractmethod
+    def release(self, job_id: str) -> None:
+        """Free this machine's copy of the job's saved files, when the store keeps them elsewhere (the replica
+        that runs the job fetches them again)."""
+
+    @abstractmethod
     def delete(self, job_id: str) -> None: ...
 
     @abstractmethod
@@ -389,6 +394,9 @@ class FileJobFiles(JobFiles):
     def local(self, job_id: str, rel: str) -> Path | None:
         p = self.root / job_id / rel
         return p if p.is_file() else None
+
+    def release(self, job_id: str) -> None:
+        return None  # the working folder is the store
 
     def delete(self, job_id: str) -> None:
         shutil.rmtree(self.root / job_id, ignore_errors=True)
@@ -468,6 +476,9 @@ class S3JobFiles(JobFiles):
 
     def local(self, job_id: str, rel: str) -> Path | None:
         return None  # the cache may be stale or partial: results are read from the bucket
+
+    def release(self, job_id: str) -> None:
+        shutil.rmtree(self.cache / job_id, ignore_errors=True)
 
     def _delete(self, keys: list[dict[str, str]]) -> None:
         for i in range(0, len(keys), 1000):

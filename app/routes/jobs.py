@@ -364,6 +364,7 @@ async def create_job(
             _probe, work / INPUT, format, level, card.slide, s.max_pixels, s.max_job_pixels
         )
         await service.call(files.save, job_id, INPUT)
+        await service.call(files.release, job_id)  # freed before the row exists: from then on a runner fetches it
         params: dict[str, Any] = {"alpha": alpha} if fmt == "overlay" else {}
         if kind == "slide":
             params.update(level=info["level"], region_px=s.job_region_px, halo_px=s.job_halo_px)

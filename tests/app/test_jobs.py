@@ -335,6 +335,21 @@ def test_two_replicas_share_the_jobs(
         assert b.get(f"/v1/jobs/{job['id']}").status_code == 404
 
 
+def test_a_replica_that_takes_a_job_on_s3_keeps_no_copy_of_its_input(
+    tmp_path: Path, jobs_weights: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for k, v in {**S3_ENV, "AWS_ENDPOINT_URL_S3": s3_endpoint}.items():
+        monkeypatch.setenv(k, v)
+    urls = {"blob_url": f"s3://{new_bucket(s3_endpoint)}/shared"}
+    with TestClient(create_app(jobs_settings(tmp_path, jobs_weights, job_concurrency=0, **urls))) as c:
+        wait_ready(c)
+        job = start(c, slide_bytes(cells(300, 280)), model="cells")
+        assert not (tmp_path / "data" / "jobs-cache" / job["id"]).exists()
+    with TestClient(create_app(jobs_settings(tmp_path, jobs_weights, **urls))) as c:  # a runner fetches it
+        wait_ready(c)
+        assert wait_job(c, job["id"])["state"] == "done"
+
+
 def test_metrics_count_jobs(client: TestClient) -> None:
     job = start(client, slide_bytes(cells(300, 300)), model="cells")
     assert wait_job(client, job["id"])["state"] == "done"
