@@ -411,10 +411,14 @@ class FileJobFiles(JobFiles):
                     p.unlink(missing_ok=True)
 
     def job_ids(self) -> Iterator[tuple[str, float]]:
+        """The newer of the folder's and its ``input``'s times: a body still arriving changes only its file."""
         for p in self.root.iterdir():
             if p.is_dir():
                 with contextlib.suppress(FileNotFoundError):
-                    yield p.name, p.stat().st_mtime
+                    mtime = p.stat().st_mtime
+                    with contextlib.suppress(FileNotFoundError):
+                        mtime = max(mtime, (p / "input").stat().st_mtime)
+                    yield p.name, mtime
 
 
 class S3JobFiles(JobFiles):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +18,7 @@ from app.config import Settings
 from app.errors import NotReady, Overloaded, StoreUnavailable
 from app.jobs import engine as adapter
 from app.jobs.runner import JobRunner, JobService
-from app.jobs.store import Job, JobStore, new_job_id, open_job_files
+from app.jobs.store import ORPHAN_GRACE_S, Job, JobStore, new_job_id, open_job_files
 from app.state import AppState
 from app.store import open_store
 
@@ -121,3 +123,16 @@ def test_a_heartbeat_is_not_held_up_by_long_file_work(tmp_path: Path, monkeypatc
                 await asyncio.gather(heartbeat, work, *held, return_exceptions=True)
 
         asyncio.run(check())
+
+
+def test_the_sweep_leaves_a_body_that_is_still_arriving(tmp_path: Path) -> None:
+    with a_runner(tmp_path) as runner:
+        folder = runner.service.files.workdir(new_job_id())
+        (folder / "input").write_bytes(b"the first part of a long upload")
+        long_ago = time.time() - 2 * ORPHAN_GRACE_S
+        os.utime(folder, (long_ago, long_ago))  # the folder made long ago, its input written to since
+        runner.sweep()
+        assert (folder / "input").is_file()
+        os.utime(folder / "input", (long_ago, long_ago))  # nothing written for long: a body that never came whole
+        runner.sweep()
+        assert not folder.exists()
