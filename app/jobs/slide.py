@@ -43,19 +43,29 @@ class Level:
     mpp: float | None  # microns per pixel, when the file says
 
 
+def _length(text: str, scale: float = 1.0) -> float | None:
+    """``text`` (a number) times ``scale``, when that is a length: finite and over 0; else None (unknown)."""
+    try:
+        value = float(text) * scale
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
 def _base_mpp(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> float | None:
     """Microns per pixel of the full-resolution level: OME's PhysicalSizeX, SVS's ``MPP =``, else the TIFF
-    resolution when its unit is a length (centimetre or inch) and the value is microscopic."""
+    resolution when its unit is a length (centimetre or inch) and the value is microscopic. None (unknown)
+    when the file does not say, or says something that is not a length (0, negative)."""
     if tif.is_ome and tif.ome_metadata:
         found = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
         unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
         scale = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}.get(unit.group(1) if unit else "µm")
         if found and scale:
-            return float(found.group(1)) * scale
+            return _length(found.group(1), scale)
     if tif.is_svs:
         found = re.search(r"MPP\s*=\s*([0-9.]+)", page.description or "")
         if found:
-            return float(found.group(1))
+            return _length(found.group(1))
     tags = page.tags
     res, unit_tag = tags.get("XResolution"), tags.get("ResolutionUnit")
     if res is not None and unit_tag is not None:
@@ -77,10 +87,12 @@ class Slide:
     """A TIFF's first image series, read by region at any of its levels. Thread-safe (reads take a lock)."""
 
     def __init__(self, path: Path) -> None:
+        """Open the file and read its levels; ``InvalidImage`` (415) for anything that is not a slide read here,
+        damaged files included (tifffile's parser fails on them in many ways: struct errors, divisions by zero)."""
         try:
             self._tif = tifffile.TiffFile(path)
-        except (tifffile.TiffFileError, ValueError, OSError) as exc:
-            raise InvalidImage(f"not a readable TIFF: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a damaged file can make the parser raise almost anything
+            raise InvalidImage(f"not a readable TIFF: {type(exc).__name__}: {exc}") from None
         try:
             series = self._tif.series[0]
             self._pages: list[tifffile.TiffPage] = []
@@ -106,9 +118,9 @@ class Slide:
         except InvalidImage:
             self._tif.close()
             raise
-        except (tifffile.TiffFileError, ValueError, IndexError, KeyError) as exc:
+        except Exception as exc:  # noqa: BLE001 - as above
             self._tif.close()
-            raise InvalidImage(f"not a readable TIFF: {exc}") from None
+            raise InvalidImage(f"not a readable TIFF: {type(exc).__name__}: {exc}") from None
         self.levels = levels
         self._lock = threading.Lock()
         self._scale: dict[int, float] = {}

@@ -373,6 +373,34 @@ def test_a_failed_job_says_why(client: TestClient) -> None:
     assert json.dumps(done)
 
 
+def damaged_tiffs(count: int) -> list[bytes]:
+    """A truncated header, and a small pyramid with a few bytes of its IFDs (and the header) overwritten at
+    random (a fixed seed)."""
+    good = slide_bytes(cells(192, 128), levels=2)
+    with tifffile.TiffFile(io.BytesIO(good)) as tif:
+        ifds = [0, tif.pages.first.offset] + [level.keyframe.offset for level in tif.series[0].levels]
+    rng = np.random.default_rng(7)
+    bodies = [b"II*\x00", b"MM\x00+\x00\x08\x00\x00"]
+    for _ in range(count):
+        broken = bytearray(good)
+        for _ in range(3):
+            broken[int(rng.choice(ifds)) + int(rng.integers(0, 300))] = int(rng.integers(0, 256))
+        bodies.append(bytes(broken))
+    return bodies
+
+
+def test_a_damaged_tiff_is_refused_never_a_server_error(tmp_path: Path, jobs_weights: Path) -> None:
+    with TestClient(create_app(jobs_settings(tmp_path, jobs_weights, job_concurrency=0, max_jobs=1000))) as c:
+        wait_ready(c)
+        answers: list[int] = []
+        for body in damaged_tiffs(60):
+            for fmt in ("auto", "png"):
+                r = c.post("/v1/jobs", content=body, headers=TIFF, params={"model": "cells", "format": fmt})
+                assert r.status_code in (202, 413, 415), r.text  # a damaged tile is found when the job runs
+                answers.append(r.status_code)
+        assert answers[:4] == [415] * 4 and answers.count(415) > 20
+
+
 def test_the_card_names_the_level_by_microns_per_pixel(tmp_path: Path) -> None:
     weights = tmp_path / "weights"
     spec = InstanceSpec("watershed", interior=1, boundary=2, min_area=4)

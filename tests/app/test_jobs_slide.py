@@ -55,6 +55,18 @@ def test_levels_and_their_microns_per_pixel(tmp_path: Path) -> None:
         assert s.levels[0].mpp is None and s.pick_level(mpp=0.5, fallback=1).index == 1
 
 
+@pytest.mark.parametrize(("size", "mpp"), [(0.25, [0.25, 0.5]), (-0.5, [None, None]), (0.0, [None, None])])
+def test_an_ome_size_that_is_not_a_length_is_unknown(tmp_path: Path, size: float, mpp: list[float | None]) -> None:
+    path = tmp_path / "s.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        opts = {"tile": (64, 64), "photometric": "rgb"}
+        tw.write(RGB, subifds=1, metadata={"PhysicalSizeX": size, "PhysicalSizeY": size}, **opts)  # type: ignore[arg-type]
+        tw.write(RGB[::2, ::2], subfiletype=1, **opts)  # type: ignore[arg-type]
+    with Slide(path) as s:
+        assert [lv.mpp for lv in s.levels] == mpp
+        assert s.pick_level(mpp=0.5, fallback=0).index == (1 if size > 0 else 0)
+
+
 def test_samples_become_the_models_uint8_channels(tmp_path: Path) -> None:
     wide = RGB[:, :, 0].astype(np.uint16) * 16  # 12-bit data in 16 bits
     path = tmp_path / "g16.tif"
