@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +39,7 @@ from app.jobs import engine as adapter
 from app.jobs.pipeline import INPUT, SLIDE_RESULTS
 from app.jobs.runner import JobService, result_files
 from app.jobs.slide import Slide, is_tiff
-from app.jobs.store import ACTIVE, Job, new_job_id
+from app.jobs.store import ACTIVE, Job, fsync_path, new_job_id
 from app.routes.bodies import FORM_TYPES, _missing, _present, image_body, is_raw, media_type
 from app.routes.errors import ERRORS, RETRY_AFTER, _error
 from app.store import UploadStore
@@ -178,7 +179,7 @@ class _Sink:
     """The body, written to the job's input file a few MB at a time (in the jobs' threads), hashed as it goes."""
 
     def __init__(self, service: JobService, path: Path, limit: int) -> None:
-        self.service, self.limit = service, limit
+        self.service, self.path, self.limit = service, path, limit
         self.file = open(path, "xb")  # noqa: SIM115 - closed in close()
         self.hash = hashlib.sha256()
         self.size = 0
@@ -209,8 +210,11 @@ class _Sink:
         await self.service.call(self._finish)
 
     def _finish(self) -> None:
+        """The body made durable (its bytes and its name) before a job's row can name it."""
         self.file.flush()
+        os.fsync(self.file.fileno())
         self.file.close()
+        fsync_path(self.path.parent)
 
     def abort(self) -> None:
         self.file.close()

@@ -7,6 +7,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -230,6 +231,34 @@ def test_limits_and_refusals(tmp_path: Path, jobs_weights: Path) -> None:
             c.post("/v1/jobs?model=cells&level=1", content=slide_bytes(cells(600, 520)), headers=TIFF).status_code
             == 202
         )
+
+
+def test_the_body_is_on_disk_before_its_job_is_queued(
+    tmp_path: Path, jobs_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(jobs_settings(tmp_path, jobs_weights, job_concurrency=0))
+    events: list[str] = []
+    fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        events.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    with TestClient(app) as c:
+        wait_ready(c)
+        store = app.state.jobs.store
+        create = store.create
+
+        def creating(job: Any) -> Any:
+            events.append(f"row {job.id}")
+            return create(job)
+
+        monkeypatch.setattr(os, "fsync", recording)
+        monkeypatch.setattr(store, "create", creating)
+        job = start(c, image_bytes(40, 30), PNG)
+    folder = os.path.realpath(tmp_path / "data" / "jobs" / job["id"])
+    before_row = events[: events.index(f"row {job['id']}")]
+    assert f"{folder}/input" in before_row and folder in before_row
 
 
 def test_cancel_a_queued_job_then_remove_it(tmp_path: Path, jobs_weights: Path) -> None:
