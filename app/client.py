@@ -4,6 +4,12 @@ Each image goes to ``POST /v1/predict`` as the request body itself, ``--concurre
 (or overlay) the service returns is written where the local mode writes it, ``OUT/<stem>.png``. A 503
 (models loading, queue full) is retried after its ``Retry-After``; any other error is one line on stderr
 with the service's ``detail``, and the command exits 1. A progress bar runs on stderr when it is a terminal.
+
+An image over predict's limits (``max_upload_bytes`` or ``max_pixels``, as ``GET /v1/jobs`` states them)
+goes to ``POST /v1/jobs`` instead, streamed from the file, and the job is polled until it is done: an
+image within the pixel limit gets the same ``OUT/<stem>.png``; a TIFF over it is a slide job, whose
+results are written as ``OUT/<stem>.mask.tiff`` (class ids), ``.instances.tiff``, ``.csv`` and ``.geojson``
+(models with instances) and ``.json`` (areas). A service without jobs gets the image as before.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import io
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -20,6 +26,16 @@ import httpx
 
 DEFAULT_CONCURRENCY = 4
 DEFAULT_RETRIES = 20  # 503s answered per image before it counts as failed
+JOB_POLL_S = 1.0
+JOB_CHUNK = 1024 * 1024
+# a slide job's results and where they are written: OUT/<stem><suffix>
+SLIDE_FILES = {
+    "tiff": ".mask.tiff",
+    "instances": ".instances.tiff",
+    "json": ".json",
+    "csv": ".csv",
+    "geojson": ".geojson",
+}
 MAX_RETRY_AFTER_S = 60.0
 TIMEOUT_S = 300.0
 
@@ -119,6 +135,85 @@ async def model_classes(http: httpx.AsyncClient, model: str | None, retries: int
     return name, [(c["id"], c["name"]) for c in cards[name]["classes"]]
 
 
+async def job_limits(http: httpx.AsyncClient, retries: int) -> dict[str, int] | None:
+    """The limits ``GET /v1/jobs`` states (predict's and the jobs'), or None for a service without jobs."""
+    r = await send(http, "GET", "/v1/jobs", retries, params={"limit": 1})
+    if r.status_code != 200:
+        return None
+    limits: dict[str, int] = r.json().get("limits", {})
+    return limits
+
+
+def image_size(path: Path) -> tuple[int, int, bool]:
+    """(width, height, is a TIFF) from the file's header, without decoding it; (0, 0, False) when unknown."""
+    from PIL import Image, UnidentifiedImageError
+
+    with open(path, "rb") as f:
+        tiff = f.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    if tiff:
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                page = tif.series[0].levels[0].keyframe
+                return int(page.imagewidth), int(page.imagelength), True
+        except (tifffile.TiffFileError, ValueError, IndexError):
+            return 0, 0, True
+    try:
+        with Image.open(path) as im:
+            return im.width, im.height, False
+    except (UnidentifiedImageError, OSError):
+        return 0, 0, False
+
+
+def over_limits(path: Path, limits: dict[str, int]) -> tuple[bool, bool]:
+    """(over predict's limits, a TIFF over its pixel limit: a slide)."""
+    width, height, tiff = image_size(path)
+    big_file = path.stat().st_size > limits.get("max_upload_bytes", 2**62)
+    many = width * height > limits.get("max_pixels", 2**62)
+    return big_file or many, tiff and many
+
+
+async def file_chunks(path: Path) -> AsyncIterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := await asyncio.to_thread(f.read, JOB_CHUNK):
+            yield chunk
+
+
+async def run_job(
+    http: httpx.AsyncClient, path: Path, params: dict[str, str | float], slide: bool, retries: int
+) -> tuple[dict[str, Any] | None, str]:
+    """POST the file to /v1/jobs (streamed) and poll the job until it ends; (the job, '') or (None, why)."""
+    params = {**params, "format": "slide" if slide else params["format"]}
+    headers = {"Content-Type": "application/octet-stream", "Content-Length": str(path.stat().st_size)}
+    for _ in range(retries + 1):
+        r = await http.post("/v1/jobs", params=params, content=file_chunks(path), headers=headers)
+        if r.status_code != 503:
+            break
+        await asyncio.sleep(retry_after_s(r))
+    if r.status_code != 202:
+        return None, f"{r.status_code} {detail(r)}"
+    job: dict[str, Any] = r.json()
+    while job["state"] in ("queued", "running"):
+        await asyncio.sleep(JOB_POLL_S)
+        r = await send(http, "GET", f"/v1/jobs/{job['id']}", retries)
+        if r.status_code != 200:
+            return None, f"job {job['id']}: {r.status_code} {detail(r)}"
+        job = r.json()
+    if job["state"] != "done":
+        return None, f"job {job['id']} {job['state']}: {job.get('error')}"
+    return job, ""
+
+
+async def fetch_result(http: httpx.AsyncClient, job: dict[str, Any], fmt: str, target: Path) -> None:
+    """Stream one of a finished job's results to ``target``."""
+    async with http.stream("GET", f"/v1/jobs/{job['id']}/result", params={"format": fmt}) as r:
+        r.raise_for_status()
+        with open(target, "wb") as f:
+            async for chunk in r.aiter_bytes():
+                await asyncio.to_thread(f.write, chunk)
+
+
 def areas(png: bytes, classes: list[tuple[int, str]]) -> str:
     """``name share`` of each non-background class in a mask PNG (pixel value = class id), as local mode prints."""
     import numpy as np
@@ -157,8 +252,44 @@ async def predict_remote(
         progress = Progress(len(images), progress_stream or sys.stderr)
         gate = asyncio.Semaphore(max(concurrency, 1))
 
+        limits = await job_limits(http, retries)
+
+        async def as_job(path: Path, slide: bool) -> bool:
+            try:
+                job, why = await run_job(http, path, params, slide, retries)
+                if job is None:
+                    progress.print(f"{path}: {why}", sys.stderr)
+                    return False
+                if slide:
+                    written = []
+                    for fmt, suffix in SLIDE_FILES.items():
+                        if fmt in job["results"]:
+                            target = out / f"{path.stem}{suffix}"
+                            await fetch_result(http, job, fmt, target)
+                            written.append(str(target))
+                    count = job["info"].get("count")
+                    found = f", {count} instances" if count is not None else ""
+                    progress.print(f"{path} -> {', '.join(written)} (job {job['id']}{found})", sys.stdout)
+                    return True
+                target = out / f"{path.stem}.png"
+                await fetch_result(http, job, format, target)
+            except (OSError, httpx.HTTPError) as exc:
+                progress.print(f"{path}: {exc or type(exc).__name__}", sys.stderr)
+                return False
+            shares = f" ({areas(target.read_bytes(), classes)})" if format == "png" else ""
+            progress.print(f"{path} -> {target}{shares} (job {job['id']})", sys.stdout)
+            return True
+
         async def one(path: Path) -> bool:
             async with gate:
+                if limits is not None:
+                    try:
+                        big, slide = await asyncio.to_thread(over_limits, path, limits)
+                    except OSError as exc:
+                        progress.print(f"{path}: {exc or type(exc).__name__}", sys.stderr)
+                        return False
+                    if big:
+                        return await as_job(path, slide)
                 try:
                     data = await asyncio.to_thread(path.read_bytes)
                     r = await send(

@@ -158,6 +158,38 @@ class Settings(BaseSettings):
         description="Unix socket of a shared engine process; set by `unetseg serve --workers` for its front ends "
         "(empty: the models run in this process).",
     )
+    max_job_bytes: int = Field(
+        4 * 1024**3,
+        gt=0,
+        description="Largest body POST /v1/jobs accepts, in bytes, streamed to the store (413 above).",
+    )
+    max_job_pixels: int = Field(
+        10_000_000_000, gt=0, description="Largest width x height of a slide job at the level it runs at (413 above)."
+    )
+    max_jobs: int = Field(100, ge=1, description="Jobs queued or running across the store before new ones get 503.")
+    job_concurrency: int = Field(1, ge=0, description="Jobs each replica runs at once (0: this replica runs none).")
+    job_retention_s: float = Field(
+        7 * 24 * 3600.0,
+        ge=0,
+        description="Finished jobs and their results are removed after this many seconds (0 = kept).",
+    )
+    job_region_px: int = Field(
+        2048,
+        ge=256,
+        multiple_of=256,
+        description="Side of the square regions a slide is segmented in (multiple of 256).",
+    )
+    job_halo_px: int = Field(
+        128, ge=0, description="Context around each slide region, and the widest object merged across region borders."
+    )
+    job_lease_s: float = Field(
+        30.0, gt=0, description="A running job whose replica has not reported for this long is taken over by another."
+    )
+    job_attempts: int = Field(
+        3,
+        ge=1,
+        description="Starts a job gets (the first and resumes after a replica died) before it is marked failed.",
+    )
 
     @field_validator("weights_dir")
     @classmethod

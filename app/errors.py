@@ -41,6 +41,16 @@ class UnknownUpload(ServiceError):
     status_code = 404
 
 
+class UnknownJob(ServiceError):
+    status_code = 404
+
+
+class JobNotFinished(ServiceError):
+    """A job's result asked for before the job is done (or after it failed or was cancelled)."""
+
+    status_code = 409
+
+
 class InvalidRequest(ServiceError):
     """Missing or contradictory fields."""
 

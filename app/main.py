@@ -30,9 +30,10 @@ from fastapi.routing import APIRoute
 from app.config import Settings
 from app.deps import require_api_key
 from app.errors import ServiceError
+from app.jobs.runner import JobMetrics, job_lifespan
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, RouteTemplates
-from app.routes import docs, health, models, predict, uploads, web
+from app.routes import docs, health, jobs, models, predict, uploads, web
 from app.state import AppState
 from app.store import open_store
 from app.store.gate import StoreGate
@@ -111,7 +112,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.unetseg
     s = state.settings
     if s.engine_socket:
-        async with _remote(state):
+        async with _remote(app):
             yield
         return
     engine = local_engine(s)
@@ -122,7 +123,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     loader = threading.Thread(target=_start_engine, args=(state,), name="unetseg-warmup", daemon=True)
     loader.start()
     try:
-        yield
+        async with job_lifespan(app):
+            yield
     finally:
         state.ready.clear()
         loader.join()
@@ -133,11 +135,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 @asynccontextmanager
-async def _remote(state: AppState) -> AsyncIterator[None]:
+async def _remote(app: FastAPI) -> AsyncIterator[None]:
     """A front end's lifespan: the engine process's client (ready once that process says its models are warm),
-    the store and the I/O threads."""
+    the store, the I/O threads and the jobs (run only by the front end the supervisor lets run them)."""
     from app.procs.client import RemoteEngine
 
+    state: AppState = app.state.unetseg
     s = state.settings
     engine = RemoteEngine(s.engine_socket, s.default_model)
     state.engine = engine
@@ -146,7 +149,8 @@ async def _remote(state: AppState) -> AsyncIterator[None]:
     state.executor = concurrent.futures.ThreadPoolExecutor(s.io_threads or os.cpu_count() or 1, "unetseg-io")
     await engine.start(on_ready=state.ready.set)
     try:
-        yield
+        async with job_lifespan(app):
+            yield
     finally:
         state.ready.clear()
         await engine.stop()
@@ -206,7 +210,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state = AppState(settings=settings)
     app.state.unetseg = state
     app.state.metrics = metrics = Metrics(state)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    app.state.job_metrics = JobMetrics(metrics.registry, app)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=settings.max_upload_bytes + MULTIPART_OVERHEAD,
+        paths={"/v1/jobs": settings.max_job_bytes + MULTIPART_OVERHEAD},
+    )
     app.add_exception_handler(ServiceError, service_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     if settings.cors_origins:
@@ -235,6 +244,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     web.install(app)
     docs.install(app)
     secured = [Depends(require_api_key)]
-    for module in (models, uploads, predict):
+    for module in (models, uploads, predict, jobs):
         app.include_router(module.router, prefix="/v1", dependencies=secured)
     return app

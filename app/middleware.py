@@ -35,15 +35,18 @@ class BodyLimitMiddleware:
     is cut off at the first chunk that passes the limit, so an oversized upload never sits in memory.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, paths: dict[str, int] | None = None) -> None:
+        """``paths``: routes (exact paths) with a limit of their own, such as the jobs' far larger one."""
         self.app = app
         self.limit = limit
+        self.paths = paths or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        detail = f"the request body is over the limit of {self.limit} bytes"
+        limit = self.paths.get(scope["path"], self.limit)
+        detail = f"the request body is over the limit of {limit} bytes"
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
@@ -51,7 +54,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     await _send_json(send, 400, "invalid Content-Length header")
                     return
-                if declared > self.limit:
+                if declared > limit:
                     await _send_json(send, 413, detail)
                     return
         received = 0
@@ -63,7 +66,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > limit:
                     exceeded = True
                     raise _BodyTooLarge
             return message

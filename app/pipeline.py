@@ -37,7 +37,7 @@ from app.imaging import (
     instance_summary,
     mask_summary,
 )
-from app.inference import Inference
+from app.inference import Inference, Timing
 from app.schemas import Prediction
 
 Format = Literal["png", "overlay", "json", "instances"]
@@ -159,20 +159,42 @@ async def predict(
     timeout_s: float | None = None,
     disconnected: Callable[[], Awaitable[bool]] | None = None,
     started: float | None = None,
+    background: bool = False,
 ) -> Answer:
     """Image bytes -> the encoded answer, through the three stages. Raises ServiceError (the route maps it to
     its status). ``timeout_s``: RequestTimeout (504) when the model has not finished by then;
     ``disconnected``: polled while the model is awaited, ClientGone when the client left. ``started``: when
-    the request began (``time.perf_counter()``; reading its body counts as decoding), default now."""
+    the request began (``time.perf_counter()``; reading its body counts as decoding), default now.
+    ``background``: after every interactive request (an asynchronous job)."""
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter() if started is None else started
     decoded, prepared = await loop.run_in_executor(executor, decode_request, engine, ask, data, max_pixels)
     decode_s = time.perf_counter() - t0
     try:
-        await engine.run(prepared, timeout_s, disconnected)
+        await engine.run(prepared, timeout_s, disconnected, background)
         return await loop.run_in_executor(executor, encode_response, engine, ask, decoded, prepared, decode_s)
     finally:
         engine.release(prepared)  # when the model or stage 3 failed; a no-op after stage 3
+
+
+async def segment(
+    engine: Inference,
+    name: str | None,
+    image: np.ndarray,
+    executor: concurrent.futures.Executor | None = None,
+    instances: bool = False,
+    background: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None, Timing]:
+    """The three stages for an (H, W[, C]) uint8 image already in the model's channels, with nothing to encode
+    (a slide's regions): its (H, W) uint8 class map, its int32 instance ids when asked for, and the timings."""
+    loop = asyncio.get_running_loop()
+    prepared = await loop.run_in_executor(executor, engine.prepare, name, image, None, instances)
+    try:
+        timing = await engine.run(prepared, None, None, background)
+        mask, ids = await loop.run_in_executor(executor, engine.finish, prepared)
+    finally:
+        engine.release(prepared)
+    return mask, ids, timing
 
 
 def predict_sync(engine: Inference, ask: Ask, data: bytes, max_pixels: int) -> Answer:

@@ -178,7 +178,7 @@ def trim_check(weights: Path, side: int) -> dict[str, Any]:
     import torch
 
     from app.engine import Engine
-    from app.engine.work import trim_memory
+    from app.heap import trim_memory
     from model.bundle import load_bundle
     from model.unet import UNet, UNetConfig
 

@@ -36,6 +36,7 @@ from model.card import (
     InstanceMethod,
     InstanceSpec,
     Sizing,
+    SlideSpec,
     discover,
     read_card,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "InstanceMethod",
     "InstanceSpec",
     "Sizing",
+    "SlideSpec",
     "discover",
     "load_bundle",
     "read_card",

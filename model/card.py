@@ -84,6 +84,19 @@ class InstanceSpec:
 
 
 @dataclass(frozen=True)
+class SlideSpec:
+    """At which level of a whole-slide image (a pyramidal TIFF) the model segments: the level nearest
+    ``mpp`` microns per pixel when the slide records its resolution, else ``level`` (0: full resolution).
+    A card without ``slide`` is segmented at full resolution."""
+
+    mpp: float | None = None
+    level: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
 class Dataset:
     name: str
     url: str = ""
@@ -105,9 +118,12 @@ class Card:
     metrics: Mapping[str, float] = field(default_factory=dict)
     training: Mapping[str, Any] = field(default_factory=dict)
     instances: InstanceSpec | None = None  # None: a semantic model (class map only)
+    slide: SlideSpec | None = None  # None: whole slides at full resolution
 
     def to_dict(self) -> dict[str, Any]:
         extra = {"instances": self.instances.to_dict()} if self.instances is not None else {}
+        if self.slide is not None:
+            extra["slide"] = self.slide.to_dict()
         return {
             "format": FORMAT,
             "name": self.name,
@@ -249,6 +265,7 @@ def _parse_card(data: Any, path: Path) -> Card:
     metrics = {str(k): r.number(v, f"metrics.{k}") for k, v in metrics_raw.items()}
     training = dict(r.mapping(data, "training", "", {}))
     instances = _parse_instances(r, data, len(classes)) if "instances" in data else None
+    slide = _parse_slide(r, data) if "slide" in data else None
     return Card(
         name=name,
         version=version,
@@ -261,6 +278,7 @@ def _parse_card(data: Any, path: Path) -> Card:
         metrics=metrics,
         training=training,
         instances=instances,
+        slide=slide,
     )
 
 
@@ -284,6 +302,18 @@ def _parse_instances(r: _Reader, data: Mapping[str, Any], num_classes: int) -> I
         raise r.fail("instances.boundary", "only the watershed method has a boundary class")
     min_area = r.integer(inst, "min_area", "instances.") if "min_area" in inst else 0
     return InstanceSpec(method, interior, boundary, min_area)  # type: ignore[arg-type]
+
+
+def _parse_slide(r: _Reader, data: Mapping[str, Any]) -> SlideSpec:
+    spec = r.mapping(data, "slide")
+    unknown = set(spec) - {"mpp", "level"}
+    if unknown:
+        raise r.fail("slide", f"unknown fields {sorted(unknown)} (it takes mpp and level)")
+    mpp = r.number(spec["mpp"], "slide.mpp") if "mpp" in spec else None
+    if mpp is not None and mpp <= 0:
+        raise r.fail("slide.mpp", f"must be > 0, got {mpp}")
+    level = r.integer(spec, "level", "slide.") if "level" in spec else None
+    return SlideSpec(mpp, level)
 
 
 def card_from_dict(data: Any, source: str = "card") -> Card:

@@ -20,7 +20,6 @@ the upsampled or blended difference is > 0, exactly as the argmax of both would 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from model.card import InputPolicy
-from model.pixels import as_hwc, resize_image
+from model.pixels import as_hwc, resize_image, tile_origins
 
 __all__ = [
     "BAND_PIXELS",
@@ -91,19 +90,6 @@ def resize_input(image: np.ndarray, policy: InputPolicy) -> torch.Tensor:
     """(H, W[, C]) uint8 -> (C, size, size) uint8: the whole image resized (``resize_image``) for a "resize"
     policy."""
     return torch.from_numpy(resize_image(image, policy)).permute(2, 0, 1)
-
-
-def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
-    """Start offsets of tiles of ``tile`` pixels covering ``length`` with at least ``overlap`` overlap.
-
-    The last tile ends exactly at ``length``; if the image is shorter than a tile, one tile covers it.
-    """
-    if length <= tile:
-        return [0]
-    stride = max(1, int(tile * (1 - overlap)))
-    n = math.ceil((length - tile) / stride) + 1
-    # Spread the tiles evenly so that every overlap is about the same.
-    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
 def gaussian_window(h: int, w: int, sigma_scale: float = 0.125) -> torch.Tensor:

@@ -6,6 +6,8 @@ model sees are the same whoever prepared them.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image
 
@@ -28,3 +30,16 @@ def resize_image(image: np.ndarray, policy: InputPolicy) -> np.ndarray:
     if pil.size != (policy.size, policy.size):
         pil = pil.resize((policy.size, policy.size), Image.Resampling.BILINEAR)
     return np.array(pil).reshape(policy.size, policy.size, -1)
+
+
+def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of tiles of ``tile`` pixels covering ``length`` with at least ``overlap`` overlap.
+
+    The last tile ends exactly at ``length``; if the image is shorter than a tile, one tile covers it.
+    """
+    if length <= tile:
+        return [0]
+    stride = max(1, int(tile * (1 - overlap)))
+    n = math.ceil((length - tile) / stride) + 1
+    # Spread the tiles evenly so that every overlap is about the same.
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]

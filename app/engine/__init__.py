@@ -18,8 +18,6 @@ hangs up), ``finish`` (the mask and instance ids, copied from the device).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import logging
 import math
 import time
@@ -32,9 +30,10 @@ import torch
 
 from app.engine.batching import Job, Timing
 from app.engine.device import device_supports, native_bf16, resolve_device, resolve_dtype, stream_threads
-from app.engine.work import TRIM_BYTES, MemoryBudget, ResizedWork, TensorWork, TiledWork, trim_memory, work_bytes
+from app.engine.work import TRIM_BYTES, MemoryBudget, ResizedWork, TensorWork, TiledWork, work_bytes
 from app.engine.workers import EngineStats, ModelEngine
 from app.errors import UnknownModel
+from app.heap import trim_memory
 from app.inference import ClientGone, wait_for
 from model.bundle import Bundle, Card, InstanceSpec, discover, load_bundle
 from model.instances import instances_from_logits
@@ -244,30 +243,7 @@ class Engine:
         if prepared.nbytes >= TRIM_BYTES:
             trim_memory()
 
-    # --- the three steps at once, for callers without an answer to encode -------------------------
-
-    async def segment(
-        self,
-        name: str | None,
-        image: np.ndarray,
-        executor: concurrent.futures.Executor | None = None,
-        timeout_s: float | None = None,
-        size: tuple[int, int] | None = None,
-        disconnected: Callable[[], Awaitable[bool]] | None = None,
-        instances: bool = False,
-        background: bool = False,
-    ) -> Segmentation:
-        """Segment an (H, W[, C]) uint8 image, already in the model's channels: ``prepare`` and ``finish`` in
-        ``executor``, ``run`` between them (arguments as theirs)."""
-        loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(executor, self.prepare, name, image, size, instances)
-        try:
-            timing = await self.run(prepared, timeout_s, disconnected, background)
-            mask, ids = await loop.run_in_executor(executor, self.finish, prepared)
-        finally:
-            with contextlib.suppress(RuntimeError):  # the executor is shutting down
-                await loop.run_in_executor(executor, self.release, prepared)
-        return Segmentation(mask, prepared.engine.name, timings(prepared, timing), ids)
+    # --- the three steps at once, without an event loop (tests and scripts) ------------------------
 
     def segment_sync(self, name: str | None, image: np.ndarray, instances: bool = False) -> Segmentation:
         """The same without an event loop (for tests and scripts)."""

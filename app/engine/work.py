@@ -14,12 +14,9 @@ the offline pipeline's.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import math
 import threading
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -211,31 +208,3 @@ class MemoryBudget:
 
 # Jobs at least this large hand their freed memory back to the system when they end.
 TRIM_BYTES = 64 * 1024 * 1024
-
-
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        fn = ctypes.CDLL(name).malloc_trim  # glibc only
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    trim: Callable[[int], int] = fn
-    return trim
-
-
-_malloc_trim = _load_malloc_trim()
-
-
-def trim_memory() -> bool:
-    """Return freed heap memory to the system (glibc ``malloc_trim``); False where there is none.
-
-    Without it the many tile-sized blocks a large job frees stay in the process's heap (resident) until
-    the allocator happens to reuse them.
-    """
-    if _malloc_trim is None:
-        return False
-    return bool(_malloc_trim(0))

@@ -5,7 +5,9 @@ process (``server``) and the front ends (``frontend``), each given the listening
 them: a front end that exits is started again; an engine process that exits is started again, unless it
 never got going (a bad bundle: the command exits 3 with its message). The front ends connect to the engine
 process through a Unix socket in a private run folder, which also holds the Prometheus multiprocess files
-(every front end's request counts, summed by whichever front end answers ``/metrics``).
+(every front end's request counts, summed by whichever front end answers ``/metrics``). Only the first front
+end runs jobs (``UNETSEG_JOB_CONCURRENCY`` as set); the others are given 0: they take jobs and answer about
+them from the store, as a replica that runs none does.
 
 SIGTERM (or SIGINT): the front ends get SIGTERM and finish their requests (up to the grace period) while the
 engine process still serves them; then the engine process drains its queue and stops; the command exits 0.
@@ -100,9 +102,15 @@ class Supervisor:
     def start_engine(self) -> subprocess.Popen[bytes]:
         return self._start(["app.procs.server", "--socket", str(self.socket_path)], self.env)
 
-    def start_front(self, fd: int) -> subprocess.Popen[bytes]:
+    def front_env_of(self, index: int) -> dict[str, str]:
+        """The environment of front end ``index``: only the first runs jobs (as many as the settings say)."""
+        if index == 0:
+            return self.front_env
+        return {**self.front_env, "UNETSEG_JOB_CONCURRENCY": "0"}
+
+    def start_front(self, fd: int, index: int) -> subprocess.Popen[bytes]:
         args = ["app.procs.frontend", "--fd", str(fd), "--grace", str(self.grace_s)]
-        return self._start(args, self.front_env, (fd,))
+        return self._start(args, self.front_env_of(index), (fd,))
 
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         self.stopping = True
@@ -117,7 +125,7 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         engine = self.start_engine()
         engine_started = time.monotonic()
-        fronts = [self.start_front(sock.fileno()) for _ in range(self.workers)]
+        fronts = [self.start_front(sock.fileno(), i) for i in range(self.workers)]
         log.info(
             "serving on http://%s:%d with %d front ends and engine process %d", s.host, s.port, self.workers, engine.pid
         )
@@ -136,7 +144,7 @@ class Supervisor:
                     if (rc := front.poll()) is not None and not self.stopping:
                         log.warning("front end %d exited (%s); starting another", front.pid, rc)
                         remove_leftovers(front.pid)
-                        fronts[i] = self.start_front(sock.fileno())
+                        fronts[i] = self.start_front(sock.fileno(), i)
         finally:
             self._stop(fronts, engine, sock)
         return code

@@ -162,29 +162,36 @@ UPLOAD_BODY: dict[str, Any] = {
     },
 }
 
-PREDICT_BODY: dict[str, Any] = {
-    "required": True,
-    "description": "The image, as the multipart field `file` or as the body itself; or the id of an earlier "
-    "upload as the form field `upload_id`. Send one of `file` and `upload_id`: an empty field counts as absent.",
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "title": "PredictForm",
-                "type": "object",
-                "description": "`file` or `upload_id`, not both.",
-                # The example is empty: docs pages fill the field with it, and a file then goes alone.
-                "properties": {"file": FILE_FIELD, "upload_id": {**UPLOAD_ID_FIELD, "examples": [""]}},
+
+def image_body(name: str) -> dict[str, Any]:
+    """The request body of an operation that takes what predict takes; ``name`` prefixes its schemas' titles
+    (a title is a model name in generated clients, and two operations must not share one)."""
+    return {
+        "required": True,
+        "description": "The image, as the multipart field `file` or as the body itself; or the id of an earlier "
+        "upload as the form field `upload_id`. Send one of `file` and `upload_id`: an empty field counts as absent.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "title": f"{name}Form",
+                    "type": "object",
+                    "description": "`file` or `upload_id`, not both.",
+                    # The example is empty: docs pages fill the field with it, and a file then goes alone.
+                    "properties": {"file": FILE_FIELD, "upload_id": {**UPLOAD_ID_FIELD, "examples": [""]}},
+                },
+                "encoding": {"file": {"contentType": "image/*, application/octet-stream"}},
             },
-            "encoding": {"file": {"contentType": "image/*, application/octet-stream"}},
+            "application/x-www-form-urlencoded": {
+                "schema": {
+                    "title": f"{name}ByUpload",
+                    "type": "object",
+                    "properties": {"upload_id": UPLOAD_ID_FIELD},
+                    "required": ["upload_id"],
+                }
+            },
+            **RAW_CONTENT,
         },
-        "application/x-www-form-urlencoded": {
-            "schema": {
-                "title": "PredictByUpload",
-                "type": "object",
-                "properties": {"upload_id": UPLOAD_ID_FIELD},
-                "required": ["upload_id"],
-            }
-        },
-        **RAW_CONTENT,
-    },
-}
+    }
+
+
+PREDICT_BODY = image_body("Predict")

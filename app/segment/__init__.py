@@ -1,6 +1,11 @@
 """Bulk segmentation: every image under a folder or an ``s3://`` prefix to its mask, and ``summary.csv``.
 
     unetseg segment SRC DST --model M [--ray [--ray-address ADDR]] [--workers N]
+    unetseg segment SLIDE.tiff DST --model M [--level L]
+
+A SRC that is one TIFF file is a whole slide: it is segmented region by region, as a slide job of the
+service is, into pyramidal TIFFs of class and instance ids, per-class areas, an instance table and outlines
+(``app.jobs.local``; resumable too).
 
 Each image ``SRC/a/b.jpg`` gets ``DST/a/b.png``: the same palette PNG that ``POST /v1/predict`` returns for
 that image, made by the same pipeline (``app.pipeline``). ``DST/summary.csv`` has one row per image: its
@@ -225,8 +230,15 @@ def main(argv: Sequence[str]) -> int:
         prog="unetseg segment",
         description="Segment every image under a folder or s3:// prefix into DST (masks + summary.csv); resumable.",
     )
-    p.add_argument("src", help="folder of images (searched recursively) or s3://bucket/prefix")
-    p.add_argument("dst", type=Path, help="output folder: one .png mask per image, same relative path")
+    p.add_argument(
+        "src", help="folder of images (searched recursively), s3://bucket/prefix, or one slide (a TIFF file)"
+    )
+    p.add_argument(
+        "dst",
+        type=Path,
+        help="output folder: one .png mask per image, same relative path (a slide: see app.jobs.local)",
+    )
+    p.add_argument("--level", type=int, help="a slide's pyramid level to segment (default: full resolution)")
     p.add_argument("--model", default=defaults.default_model, help="model name in --weights-dir, or a bundle folder")
     p.add_argument(
         "--weights-dir",
@@ -250,6 +262,18 @@ def main(argv: Sequence[str]) -> int:
     if args.ray_address and not args.ray:
         p.error("--ray-address needs --ray")
     settings = defaults.model_copy(update={"device": args.device}) if args.device else defaults
+    from app.jobs.local import is_slide_path
+    from app.jobs.local import main as segment_slide_main
+
+    if is_slide_path(Path(args.src)):  # one whole slide, region by region, into pyramidal TIFFs and tables
+        if args.ray:
+            p.error("--ray segments folders of images; a slide runs in this process")
+        try:
+            bundle = find_bundle(args.model, args.weights_dir)
+        except ValueError as exc:
+            print(f"unetseg segment: {exc}", file=sys.stderr)
+            return 2
+        return segment_slide_main(Path(args.src), args.dst, bundle, settings, args.level)
     try:
         bundle = find_bundle(args.model, args.weights_dir)
         report = run(args.src, args.dst, bundle, settings, args.ray, args.ray_address, args.workers, sys.stderr)

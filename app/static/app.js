@@ -34,6 +34,11 @@
     timingTotal: $("timing-total"),
     timingSplit: $("timing-split"),
     roundtrip: $("timing-roundtrip"),
+    asJob: $("as-job"),
+    job: $("job"),
+    jobState: $("job-state"),
+    jobProgress: $("job-progress"),
+    jobResults: $("job-results"),
   };
 
   const state = {
@@ -103,6 +108,76 @@
     body.append("file", file, file.name || "image");
     const query = `model=${encodeURIComponent(model)}&format=${format}${extra}`;
     return api(`/v1/predict?${query}`, { method: "POST", body });
+  }
+
+  // --- jobs -----------------------------------------------------------------------------------
+
+  const JOB_POLL_MS = 1000;
+  const isTiff = (file) => file.type === "image/tiff" || /\.(tiff?|svs|btf)$/i.test(file.name || "");
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  function showJob(job) {
+    const p = job.progress;
+    const parts = [`Job ${job.id.slice(0, 8)}: ${job.state}`];
+    if (p.stage && p.stage !== job.state) parts.push(p.stage);
+    if (p.regions_total) parts.push(`${p.regions_done}/${p.regions_total} regions`);
+    if (p.tiles_total) parts.push(`${p.tiles_done.toLocaleString("en-US")}/${p.tiles_total.toLocaleString("en-US")} tiles`);
+    if (job.attempts > 1) parts.push(`resumed (start ${job.attempts})`);
+    els.jobState.textContent = parts.join(" · ");
+    els.jobProgress.value = p.fraction;
+    els.job.dataset.state = job.state;
+    els.job.hidden = false;
+  }
+
+  async function download(url, name) {
+    try {
+      const blob = await (await api(url)).blob();
+      const a = document.createElement("a");
+      a.href = URL.createObjectURL(blob);
+      a.download = name;
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+    } catch (err) {
+      showError(err);
+    }
+  }
+
+  function showJobResults(job) {
+    const names = { tiff: "mask.tiff", instances: "instances.tiff", json: "json", csv: "instances.csv", geojson: "outlines.geojson", png: "png", overlay: "overlay.png" };
+    els.jobResults.replaceChildren(
+      ...Object.entries(job.results).map(([fmt, r]) => {
+        const li = document.createElement("li");
+        const b = document.createElement("button");
+        b.type = "button";
+        b.className = "button";
+        b.dataset.format = fmt;
+        b.textContent = `${names[fmt] || fmt} (${Math.max(1, Math.round(r.bytes / 1024)).toLocaleString("en-US")} KB)`;
+        b.addEventListener("click", () => download(r.url, `${job.id}-${names[fmt] || fmt}`));
+        li.append(b);
+        return li;
+      }),
+    );
+  }
+
+  // POST the file to /v1/jobs and poll it until it ends; the finished job, or null when a newer run began.
+  async function runJob(file, name, run) {
+    const body = new FormData();
+    body.append("file", file, file.name || "image");
+    const format = isTiff(file) ? "auto" : "json";
+    let job = await (await api(`/v1/jobs?model=${encodeURIComponent(name)}&format=${format}`, { method: "POST", body })).json();
+    while (job.state === "queued" || job.state === "running") {
+      showJob(job);
+      setStatus(`Job ${job.state}…`, true);
+      await sleep(JOB_POLL_MS);
+      if (run !== state.run) return null;
+      job = await (await api(`/v1/jobs/${job.id}`)).json();
+    }
+    showJob(job);
+    if (job.state !== "done") throw new ApiError(0, `the job ${job.state}: ${job.error || "no reason given"}`, null);
+    showJobResults(job);
+    return job;
   }
 
   // --- status and errors ----------------------------------------------------------------------
@@ -367,6 +442,8 @@
     els.timingTotal.textContent = "–";
     els.timingSplit.replaceChildren();
     els.roundtrip.textContent = "";
+    els.job.hidden = true;
+    els.jobResults.replaceChildren();
   }
 
   // After an error nothing of the previous result stays on screen: its image and mask would pass for
@@ -401,12 +478,36 @@
     setStatus(`Segmenting with ${name}…`, true);
     const t0 = performance.now();
     try {
-      const [jsonResponse, pngResponse] = await Promise.all([
-        predict(file, name, "json"),
-        predict(file, name, "png"),
-      ]);
-      const pred = await jsonResponse.json();
-      const maskBlob = await pngResponse.blob();
+      let job = null;
+      if (els.asJob.checked) {
+        job = await runJob(file, name, run);
+        if (!job || run !== state.run) return;
+        if (job.kind === "slide") {
+          const areas = await (await api(job.results.json.url)).json();
+          showAreas(areas, model);
+          if (areas.count !== undefined) {
+            els.instanceCount.textContent = `${areas.count.toLocaleString("en-US")} ${areas.count === 1 ? "instance" : "instances"}`;
+            els.instanceCount.dataset.count = String(areas.count);
+            els.instanceCount.hidden = false;
+          }
+          els.caption.textContent = `${file.name || "slide"} · ${areas.width}×${areas.height} (level ${areas.level}) · ${name}`;
+          els.viewer.dataset.state = "empty";
+          setStatus(`Slide done in ${ms(performance.now() - t0)}: its results are above.`);
+          return;
+        }
+      }
+      let pred;
+      let maskBlob = null;
+      if (job) {
+        pred = await (await api(job.results.json.url)).json();
+      } else {
+        const [jsonResponse, pngResponse] = await Promise.all([
+          predict(file, name, "json"),
+          predict(file, name, "png"),
+        ]);
+        pred = await jsonResponse.json();
+        maskBlob = await pngResponse.blob();
+      }
       const roundtrip = performance.now() - t0;
       const bitmap = await loadBitmap(file, name);
       if (run !== state.run) return;
@@ -420,10 +521,12 @@
       }
       applyOpacity();
       showAreas(pred, model);
-      showTiming(pred.timings_ms, roundtrip);
-      state.maskUrl = URL.createObjectURL(maskBlob);
-      state.maskName = `${(file.name || "image").replace(/\.[^.]*$/, "")}-${name}-mask.png`;
-      els.download.disabled = false;
+      if (maskBlob) {
+        showTiming(pred.timings_ms, roundtrip);
+        state.maskUrl = URL.createObjectURL(maskBlob);
+        state.maskName = `${(file.name || "image").replace(/\.[^.]*$/, "")}-${name}-mask.png`;
+        els.download.disabled = false;
+      }
       const found = pred.classes
         .filter((c) => c.id !== 0)
         .map((c) => `${c.name} ${(c.fraction * 100).toFixed(1)}%`)

@@ -25,6 +25,28 @@ from app.store import CHUNK, ID_RE, Blobs, Staged
 ORPHAN_GRACE_S = 3600.0  # far longer than any upload takes between its PUT and its row
 
 
+def is_missing(exc: Exception) -> bool:
+    """Whether a botocore ``ClientError`` says the object does not exist (404, NoSuchKey)."""
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound")
+
+
+@contextlib.contextmanager
+def unavailable_as_503() -> Iterator[None]:
+    """No answer from the endpoint, or a 5xx (SlowDown, InternalError): the store's trouble, a 503."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except BotoCoreError as exc:
+        raise StoreUnavailable(f"the upload bucket is unavailable: {exc}") from exc
+    except ClientError as exc:
+        status = (getattr(exc, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if int(status) >= 500:
+            raise StoreUnavailable(f"the upload bucket is unavailable: {exc}") from exc
+        raise
+
+
 class S3Blobs(Blobs):
     orphan_grace_s = ORPHAN_GRACE_S
 
@@ -55,12 +77,8 @@ class S3Blobs(Blobs):
     def key(self, uid: str) -> str:
         return f"{self.prefix}{uid[:2]}/{uid}"
 
-    def _missing(self, exc: Exception) -> bool:
-        response = getattr(exc, "response", None) or {}
-        return str(response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound")
-
     def _put(self, uid: str, data: bytes) -> None:
-        with self._unavailable_as_503():
+        with unavailable_as_503():
             self.client.put_object(Bucket=self.bucket, Key=self.key(uid), Body=data, ChecksumAlgorithm="SHA256")
 
     def stage(self, uid: str, data: bytes) -> Staged:
@@ -77,48 +95,33 @@ class S3Blobs(Blobs):
     def chunks(self, uid: str) -> Iterator[bytes] | None:
         from botocore.exceptions import ClientError
 
-        with self._unavailable_as_503():
+        with unavailable_as_503():
             try:
                 response = self.client.get_object(Bucket=self.bucket, Key=self.key(uid))
             except ClientError as exc:
-                if self._missing(exc):
+                if is_missing(exc):
                     return None
                 raise
         return self._pieces(response["Body"])
 
     def _pieces(self, body: Any) -> Iterator[bytes]:
-        with self._unavailable_as_503(), contextlib.closing(body):
+        with unavailable_as_503(), contextlib.closing(body):
             yield from body.iter_chunks(CHUNK)
 
     def exists(self, uid: str) -> bool:
         from botocore.exceptions import ClientError
 
-        with self._unavailable_as_503():
+        with unavailable_as_503():
             try:
                 self.client.head_object(Bucket=self.bucket, Key=self.key(uid))
             except ClientError as exc:
-                if self._missing(exc):
+                if is_missing(exc):
                     return False
                 raise
         return True
 
-    @contextlib.contextmanager
-    def _unavailable_as_503(self) -> Iterator[None]:
-        """No answer from the endpoint, or a 5xx (SlowDown, InternalError): the store's trouble, a 503."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            yield
-        except BotoCoreError as exc:
-            raise StoreUnavailable(f"the upload bucket is unavailable: {exc}") from exc
-        except ClientError as exc:
-            status = (getattr(exc, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if int(status) >= 500:
-                raise StoreUnavailable(f"the upload bucket is unavailable: {exc}") from exc
-            raise
-
     def delete(self, uid: str) -> None:
-        with self._unavailable_as_503():
+        with unavailable_as_503():
             self.client.delete_object(Bucket=self.bucket, Key=self.key(uid))
 
     def names(self) -> Iterator[tuple[str, float]]:

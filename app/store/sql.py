@@ -20,6 +20,10 @@ class SqlRows(Rows):
     def _run(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self._execute(sql.replace("?", self._marker), params)
 
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Any statement (``?`` markers) in this transaction: for the tables other modules keep here (jobs)."""
+        return self._run(sql, params)
+
     def get(self, uid: str) -> Upload | None:
         row = self._run(f"SELECT {COLUMNS} FROM uploads WHERE id = ?", (uid,)).fetchone()
         return None if row is None else make_upload(*row)

@@ -39,6 +39,13 @@ def uploaded(client: TestClient) -> str:
     return uid
 
 
+def started(client: TestClient) -> str:
+    r = client.post("/v1/jobs", content=PNG, headers={"X-API-Key": KEYS[0], "Content-Type": "image/png"})
+    assert r.status_code == 202, r.text
+    job_id: str = r.json()["id"]
+    return job_id
+
+
 Call = Callable[[TestClient, dict[str, str]], httpx.Response]
 
 # Every /v1 operation, with a request that succeeds when the key is right, and the status it then gets.
@@ -56,6 +63,17 @@ OPERATIONS: dict[tuple[str, str], tuple[Call, tuple[int, ...]]] = {
         lambda c, h: c.post("/v1/predict", files={"file": ("a.png", PNG, "image/png")}, headers=h),
         (200,),
     ),
+    ("POST", "/v1/jobs"): (
+        lambda c, h: c.post("/v1/jobs", files={"file": ("a.png", PNG, "image/png")}, headers=h),
+        (202,),
+    ),
+    ("GET", "/v1/jobs"): (lambda c, h: c.get("/v1/jobs", headers=h), (200,)),
+    ("GET", "/v1/jobs/{job_id}"): (lambda c, h: c.get(f"/v1/jobs/{started(c)}", headers=h), (200,)),
+    ("GET", "/v1/jobs/{job_id}/result"): (
+        lambda c, h: c.get(f"/v1/jobs/{started(c)}/result", headers=h),
+        (200, 409),  # 409 while the job is not done yet: past the key either way
+    ),
+    ("DELETE", "/v1/jobs/{job_id}"): (lambda c, h: c.delete(f"/v1/jobs/{started(c)}", headers=h), (200, 204)),
 }
 
 CREDENTIALS = {

@@ -103,6 +103,16 @@ def test_front_ends_answer_as_one_process_does_and_share_uploads_metrics_and_the
             up = http.post(f"{base}/v1/uploads", files={"file": ("a.png", image, PNG)})
             assert up.status_code == 201
             uid = up.json()["id"]
+            # A job taken by any front end runs (in the first one only), and any front end answers about it.
+            r = http.post(f"{base}/v1/jobs?model=cells&format=instances", content=cells, headers={"Content-Type": PNG})
+            assert r.status_code == 202, r.text
+            job_url = f"{base}/v1/jobs/{r.json()['id']}"
+            deadline = time.monotonic() + 60
+            while (job := httpx.get(job_url).json())["state"] in ("queued", "running"):
+                assert time.monotonic() < deadline, job
+                time.sleep(0.05)
+            assert job["state"] == "done", job
+            assert httpx.get(f"{job_url}/result").content == single[("cells", "instances")]
 
         def by_id(_: int) -> tuple[int, int]:
             with httpx.Client(timeout=60) as c:  # a connection each: the kernel spreads them over the front ends

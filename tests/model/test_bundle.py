@@ -7,7 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.bundle import CARD_FILE, WEIGHTS_FILE, BundleError, InstanceSpec, discover, load_bundle, read_card
+from model.bundle import (
+    CARD_FILE,
+    WEIGHTS_FILE,
+    BundleError,
+    InstanceSpec,
+    SlideSpec,
+    discover,
+    load_bundle,
+    read_card,
+)
 from tests.helpers import write_tiny_bundle
 
 
@@ -195,6 +204,23 @@ def test_bad_instance_fields_name_the_field(tmp_path: Path, edit: dict[str, obje
     with pytest.raises(BundleError) as info:
         load_bundle(folder)
     assert f": {field}:" in str(info.value)
+
+
+def test_a_slide_spec_round_trips_and_bad_ones_name_the_field(tmp_path: Path) -> None:
+    folder, _, _ = write_tiny_bundle(tmp_path / "s", slide=SlideSpec(mpp=0.5))
+    assert json.loads((folder / CARD_FILE).read_text())["slide"] == {"mpp": 0.5}
+    assert load_bundle(folder).card.slide == SlideSpec(mpp=0.5)
+    for edit, field in (
+        ({"slide.mpp": 0}, "slide.mpp"),
+        ({"slide.mpp": "fine"}, "slide.mpp"),
+        ({"slide.level": -1}, "slide.level"),
+        ({"slide.zoom": 2}, "slide"),
+    ):
+        _break(folder, edit)
+        with pytest.raises(BundleError) as info:
+            load_bundle(folder)
+        assert f": {field}:" in str(info.value)
+        write_tiny_bundle(folder, slide=SlideSpec(mpp=0.5))
 
 
 @pytest.mark.parametrize("crash_at", [1, 2])
