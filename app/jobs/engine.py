@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -33,6 +34,8 @@ T = TypeVar("T")
 
 # Longest wait before work refused for lack of room (queue or memory budget) is tried again.
 MAX_BACKOFF_S = 5.0
+# Longest an engine may not answer before the job's work fails (an engine process restarts within it).
+NOT_READY_S = 300.0
 
 
 def model_card(engine: Inference, name: str | None) -> Card:
@@ -54,15 +57,24 @@ def tiles_for(card: Card, height: int, width: int) -> int:
     )
 
 
-async def _with_room(attempt: Callable[[], Awaitable[T]]) -> T:
+async def _with_room(attempt: Callable[[], Awaitable[T]], not_ready_s: float = NOT_READY_S) -> T:
     """``attempt()``, tried again with a growing pause while the engine has no room (its queue full, or the
-    memory budget held by others) or does not answer (the engine process of ``serve --workers`` restarting);
-    no time limit: a job waits as long as it takes."""
+    memory budget held by others), as long as that takes, or does not answer (the engine process of ``serve
+    --workers`` restarting) for up to ``not_ready_s`` in a row: an engine that stays away (a model whose
+    worker ended) fails the job with its reason."""
     backoff = 0.1
+    away_since: float | None = None
     while True:
         try:
             return await attempt()
         except (Overloaded, NotReady) as exc:
+            if isinstance(exc, NotReady):
+                if away_since is None:
+                    away_since = time.monotonic()
+                elif time.monotonic() - away_since > not_ready_s:
+                    raise
+            else:
+                away_since = None
             wait = min(MAX_BACKOFF_S, backoff, float(exc.headers.get("Retry-After", "1")))
             log.debug("job work waits %.1f s: %s", wait, exc.detail)
             await asyncio.sleep(wait)

@@ -35,6 +35,21 @@ def test_job_work_waits_while_the_engine_is_full_or_restarting() -> None:
     assert not refusals
 
 
+def test_job_work_fails_when_the_engine_stays_away() -> None:
+    """A model whose worker ended answers NotReady for good: the job fails with that reason, once the engine
+    has been away for longer than an engine process takes to come back."""
+    calls = 0
+
+    async def attempt() -> int:
+        nonlocal calls
+        calls += 1
+        raise NotReady("model 'm' stopped serving: its worker ended")
+
+    with pytest.raises(NotReady, match="stopped serving"):
+        asyncio.run(adapter._with_room(attempt, not_ready_s=0.0))
+    assert calls == 2  # the first refusal starts the clock, the next one is past it
+
+
 @contextmanager
 def a_runner(tmp_path: Path, **kw: Any) -> Iterator[JobRunner]:
     """A runner on a SQLite store in ``tmp_path``, not started: its parts are called one at a time."""
