@@ -105,7 +105,10 @@ class Settings(BaseSettings):
     max_inflight_mb: int = Field(
         1024,
         ge=0,
-        description="MiB that requests in flight may hold (images, tile accumulators, masks); over it 503 (0 = none).",
+        description=(
+            "MiB that requests in flight may hold (images, tile accumulators, masks), and apart from that "
+            "the request bodies being read (not the jobs'); over it 503 (0 = none)."
+        ),
     )
     request_timeout_s: float = Field(
         60.0, gt=0, description="A prediction not finished after this many seconds gets 504."

@@ -215,6 +215,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyLimitMiddleware,
         limit=settings.max_upload_bytes + MULTIPART_OVERHEAD,
         paths={"/v1/jobs": settings.max_job_bytes + MULTIPART_OVERHEAD},
+        max_inflight_bytes=settings.max_inflight_mb * 1024 * 1024,
+        unbudgeted={"/v1/jobs"},  # streamed to the store as they arrive, never held whole
     )
     app.add_exception_handler(ServiceError, service_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)

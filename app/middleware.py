@@ -1,5 +1,6 @@
-"""ASGI middleware: the request body limit, enforced while the body streams in; request ids, the access log
-and request metrics; what happens to a body the client does not finish sending."""
+"""ASGI middleware: the request body limit, enforced while the body streams in, and the budget of the bodies
+being read; request ids, the access log and request metrics; what happens to a body the client does not
+finish sending."""
 
 from __future__ import annotations
 
@@ -23,30 +24,56 @@ from starlette.datastructures import MutableHeaders
 from starlette.routing import Mount, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.budget import MemoryBudget
 
-class _BodyTooLarge(Exception):
+
+class _BodyRefused(Exception):
     pass
 
 
 class BodyLimitMiddleware:
-    """Answer 413 ``{"detail": ...}`` as soon as a request body passes ``limit`` bytes.
+    """Answer 413 ``{"detail": ...}`` as soon as a request body passes ``limit`` bytes, and 503 when the
+    bodies being read together would pass the process's body budget.
 
     A declared Content-Length over the limit is refused before anything is read; a chunked or lying body
     is cut off at the first chunk that passes the limit, so an oversized upload never sits in memory.
+
+    **The body budget** (``max_inflight_bytes``, ``UNETSEG_MAX_INFLIGHT_MB``; 0: none, as the engine's
+    budget): the bytes of every request body this process is reading or still holds, counted from the
+    first byte until the request ends (its response is sent, it fails, or its client leaves), whatever
+    ends it. The engine's budget counts a request only once its image is decoded; this one counts what
+    comes before. A body with a Content-Length reserves all of it up front: the route reads it whole into
+    memory anyway, and refusing before the first byte means a refused body is never taken in, and that
+    many bodies arriving at once cannot each take part of the budget and then all be refused half read.
+    A body without one (chunked) reserves its bytes as they arrive. A body that does not fit beside those
+    in flight gets 503 with ``Retry-After: 1`` and ``Connection: close`` before any more of it is read; one
+    that could never fit, even alone, gets 413. Routes in ``unbudgeted`` (the jobs', whose bodies go
+    to disk as they stream in) are not counted.
     """
 
-    def __init__(self, app: ASGIApp, limit: int, paths: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        paths: dict[str, int] | None = None,
+        max_inflight_bytes: int = 0,
+        unbudgeted: Iterable[str] = (),
+    ) -> None:
         """``paths``: routes (exact paths) with a limit of their own, such as the jobs' far larger one."""
         self.app = app
         self.limit = limit
         self.paths = paths or {}
+        self.budget = MemoryBudget(max_inflight_bytes)  # one app, so one budget, per process
+        self.unbudgeted = frozenset(unbudgeted)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         limit = self.paths.get(scope["path"], self.limit)
+        budget = None if scope["path"] in self.unbudgeted else self.budget
         detail = f"the request body is over the limit of {limit} bytes"
+        declared = 0
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
@@ -57,35 +84,71 @@ class BodyLimitMiddleware:
                 if declared > limit:
                     await _send_json(send, 413, detail)
                     return
+        held = 0  # bytes this request holds of the budget
+        if budget is not None and declared > 0:
+            refused = _take(budget, declared, declared)
+            if refused is not None:
+                await _send_json(send, *refused)
+                return
+            held = declared
         received = 0
-        exceeded = False
+        refusal: tuple[int, str, dict[str, str]] | None = None
         started = False
 
         async def limited_receive() -> Message:
-            nonlocal received, exceeded
+            nonlocal received, refusal, held
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    exceeded = True
-                    raise _BodyTooLarge
+                    refusal = (413, detail, {})
+                    raise _BodyRefused
+                if budget is not None and received > held:
+                    refusal = _take(budget, received - held, received)
+                    if refusal is not None:
+                        raise _BodyRefused
+                    held = received
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if exceeded:  # the app turned the aborted read into its own error: ours goes out instead
+            if refusal is not None:  # the app turned the aborted read into its own error: ours goes out instead
                 return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
-        with contextlib.suppress(_BodyTooLarge):
-            await self.app(scope, limited_receive, guarded_send)
-        if exceeded and not started:
-            await _send_json(send, 413, detail)
+        try:
+            with contextlib.suppress(_BodyRefused):
+                await self.app(scope, limited_receive, guarded_send)
+        finally:
+            if budget is not None and held:
+                budget.release(held)
+        if refusal is not None and not started:
+            await _send_json(send, *refusal)
 
 
-async def _send_json(send: Send, status: int, detail: str) -> None:
+def _take(budget: MemoryBudget, nbytes: int, body: int) -> tuple[int, str, dict[str, str]] | None:
+    """Reserve ``nbytes`` more of a body of (at least) ``body`` bytes; or the refusal to answer, holding none."""
+    if not budget.fits_alone(body):
+        return 413, f"the request body is over the {_mib(budget.limit)} MiB the service reads at once", {}
+    if budget.try_reserve(nbytes):
+        return None
+    return (
+        503,
+        f"the service is reading {_mib(budget.held)} MiB of request bodies and the limit is "
+        f"{_mib(budget.limit)} MiB; retry shortly",
+        {"Retry-After": "1"},
+    )
+
+
+def _mib(nbytes: int) -> str:
+    """Bytes as MiB: whole, else to one decimal place (0.6, 19.1)."""
+    text = f"{nbytes / (1024 * 1024):.1f}"
+    return text.removesuffix(".0")
+
+
+async def _send_json(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
     body = json.dumps({"detail": detail}).encode()
     await send(
         {
@@ -94,6 +157,7 @@ async def _send_json(send: Send, status: int, detail: str) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
+                *((name.lower().encode(), value.encode()) for name, value in (headers or {}).items()),
                 (b"connection", b"close"),
             ],
         }

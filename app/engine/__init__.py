@@ -6,7 +6,8 @@ The package, by job:
 - ``workers``: one model's worker threads (``ModelEngine``): batches in, logits delivered, failures local;
 - ``runner``: the model on its device (normalisation, forward pass, frozen or CUDA graphs, pinned staging,
   the measured batch limit); ``device``: device and precision choices; ``graph``: the frozen graph;
-- ``work``: a request's inputs and their post-processing on the device, and the memory budget.
+- ``work``: a request's inputs and their post-processing on the device, and the memory they need (counted
+  by ``app.budget.MemoryBudget``).
 
 ``Engine`` holds every loaded model and the budget shared by all requests in flight. A request goes through
 it in three steps, which the service's pipeline (``app.pipeline``) runs on two hand-offs to its I/O threads
@@ -28,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.budget import MemoryBudget
 from app.engine.batching import Job, Timing
 from app.engine.device import device_supports, native_bf16, resolve_device, resolve_dtype, stream_threads
-from app.engine.work import TRIM_BYTES, MemoryBudget, ResizedWork, TensorWork, TiledWork, work_bytes
+from app.engine.work import TRIM_BYTES, ResizedWork, TensorWork, TiledWork, work_bytes
 from app.engine.workers import EngineStats, ModelEngine
 from app.errors import UnknownModel
 from app.heap import trim_memory

@@ -1,5 +1,5 @@
-"""A request's work for the model, made lazily and finished on the device, and the memory budget that bounds
-work in flight.
+"""A request's work for the model, made lazily and finished on the device, and what it costs in memory
+(``work_bytes``, which the memory budget of ``app.budget`` bounds).
 
 Inputs are uint8 until they reach the device. A resized image is one (C, size, size) input whose logits are
 upsampled to the image's size and turned into its class map on the device when they come back (``put``);
@@ -15,13 +15,11 @@ the offline pipeline's.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 
 import numpy as np
 import torch
 
-from app.errors import ImageTooLarge, Overloaded
 from model.bundle import InputPolicy
 from model.inference import BAND_PIXELS, Blender, TileGrid, as_hwc, resize_argmax, resize_input, resize_logits
 
@@ -169,41 +167,6 @@ def work_bytes(
         return ResizedWork.bytes_needed(image, size, classes) + extra
     h, w = image.shape[:2]
     return TiledWork.bytes_needed(h, w, policy.channels, classes) + extra
-
-
-class MemoryBudget:
-    """Bytes held by requests in flight, across every model: over ``limit`` a request is refused.
-
-    A request that alone would pass the limit is refused for good (413); one that does not fit beside
-    those in flight gets 503 with ``Retry-After`` (they finish and free their share). ``limit`` 0: none.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-        self.peak = 0
-        self._lock = threading.Lock()
-
-    def reserve(self, nbytes: int, retry_after_s: int = 1) -> None:
-        mib = 1024 * 1024
-        if self.limit and nbytes > self.limit:
-            raise ImageTooLarge(
-                f"this image needs about {math.ceil(nbytes / mib)} MiB to segment; "
-                f"the service allows {self.limit // mib} MiB of work in flight"
-            )
-        with self._lock:
-            if self.limit and self.held + nbytes > self.limit:
-                raise Overloaded(
-                    f"the service is segmenting {math.ceil(self.held / mib)} MiB of images, this one needs "
-                    f"{math.ceil(nbytes / mib)} MiB and the limit is {self.limit // mib} MiB; retry shortly",
-                    retry_after_s=retry_after_s,
-                )
-            self.held += nbytes
-            self.peak = max(self.peak, self.held)
-
-    def release(self, nbytes: int) -> None:
-        with self._lock:
-            self.held -= nbytes
 
 
 # Jobs at least this large hand their freed memory back to the system when they end.
