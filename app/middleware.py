@@ -148,8 +148,9 @@ def _mib(nbytes: int) -> str:
     return text.removesuffix(".0")
 
 
-async def _send_json(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"detail": detail}).encode()
+async def _send_json(send: Send, status: int, detail: str, headers: dict[str, str] | None = None, **fields: str) -> int:
+    """A JSON error (``detail`` and ``fields``) on a connection that is then closed. Returns the body's length."""
+    body = json.dumps({"detail": detail, **fields}).encode()
     await send(
         {
             "type": "http.response.start",
@@ -163,6 +164,7 @@ async def _send_json(send: Send, status: int, detail: str, headers: dict[str, st
         }
     )
     await send({"type": "http.response.body", "body": body})
+    return len(body)
 
 
 # --- request ids, access log and request metrics ---------------------------------------------------------
@@ -458,23 +460,9 @@ def _path_only(location: str) -> str:
 
 
 async def _send_error(send: Send, status: int, detail: str, request_id: str, served_by: str) -> int:
-    """A JSON error of the middleware's own, on a connection it closes. Returns the body's length."""
-    body = json.dumps({"detail": detail, "request_id": request_id}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"x-request-id", request_id.encode()),
-                (b"x-served-by", served_by.encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-    return len(body)
+    """A JSON error of the middleware's own, with the request's id, on a connection it closes."""
+    headers = {"X-Request-ID": request_id, "X-Served-By": served_by}
+    return await _send_json(send, status, detail, headers, request_id=request_id)
 
 
 def _with_request_id(body: bytes, request_id: str) -> bytes:

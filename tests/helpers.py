@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -80,3 +83,39 @@ def write_instance_bundle(folder: Path, spec: InstanceSpec, seed: int = 1, **car
         model.outc.conv.bias -= out.flatten(1).median(1).values
     save_bundle(folder, card, model, "float32")
     return folder, card
+
+
+class FakeCuda:
+    """Stands in for the CUDA driver queries: per-device compute capabilities, and which device is current."""
+
+    def __init__(self, capabilities: dict[int, tuple[int, int]]) -> None:
+        self.capabilities = capabilities
+        self.current = 0
+        self.asked: list[tuple[str, int, bool | None]] = []
+
+    def get_device_capability(self, index: int) -> tuple[int, int]:
+        self.asked.append(("capability", index, None))
+        return self.capabilities[index]
+
+    def is_bf16_supported(self, including_emulation: bool = True) -> bool:
+        self.asked.append(("bf16", self.current, including_emulation))
+        major = self.capabilities[self.current][0]
+        return major >= 8 or including_emulation  # what torch answers: emulation counts by default
+
+    @contextlib.contextmanager
+    def device(self, index: int) -> Iterator[None]:
+        before, self.current = self.current, index
+        try:
+            yield
+        finally:
+            self.current = before
+
+
+def install_fake_cuda(monkeypatch: pytest.MonkeyPatch, capabilities: dict[int, tuple[int, int]]) -> FakeCuda:
+    """Answer torch's CUDA queries from ``capabilities`` (device index -> compute capability) for one test."""
+    fake = FakeCuda(capabilities)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", fake.get_device_capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", fake.is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "device", fake.device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: fake.current)
+    return fake

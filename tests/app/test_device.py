@@ -3,8 +3,6 @@ input policy (so a compiled model never meets a new shape), and a CUDA stream pe
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,43 +12,12 @@ import torch
 from app.engine import ModelEngine, device_supports, make_work, native_bf16
 from app.engine.device import input_shapes, new_stream, on_stream, warmup_batches
 from model.bundle import load_bundle
-from tests.helpers import tiny_card, write_tiny_bundle
-
-
-class FakeCuda:
-    """Stands in for the CUDA driver queries: per-device compute capabilities, and which device is current."""
-
-    def __init__(self, capabilities: dict[int, tuple[int, int]]) -> None:
-        self.capabilities = capabilities
-        self.current = 0
-        self.asked: list[tuple[str, int, bool | None]] = []
-
-    def get_device_capability(self, index: int) -> tuple[int, int]:
-        self.asked.append(("capability", index, None))
-        return self.capabilities[index]
-
-    def is_bf16_supported(self, including_emulation: bool = True) -> bool:
-        self.asked.append(("bf16", self.current, including_emulation))
-        major = self.capabilities[self.current][0]
-        return major >= 8 or including_emulation  # what torch answers: emulation counts by default
-
-    @contextlib.contextmanager
-    def device(self, index: int) -> Iterator[None]:
-        before, self.current = self.current, index
-        try:
-            yield
-        finally:
-            self.current = before
+from tests.helpers import FakeCuda, install_fake_cuda, tiny_card, write_tiny_bundle
 
 
 @pytest.fixture
 def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
-    fake = FakeCuda({0: (8, 6), 1: (7, 5)})  # an Ampere card and a T4 beside it
-    monkeypatch.setattr(torch.cuda, "get_device_capability", fake.get_device_capability)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", fake.is_bf16_supported)
-    monkeypatch.setattr(torch.cuda, "device", fake.device)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: fake.current)
-    return fake
+    return install_fake_cuda(monkeypatch, {0: (8, 6), 1: (7, 5)})  # an Ampere card and a T4 beside it
 
 
 def test_bf16_only_where_native_and_on_the_configured_device(fake_cuda: FakeCuda) -> None:

@@ -3,45 +3,16 @@ stood in for): bf16 only where it runs natively, on the named device."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import pytest
 import torch
 
 from model import device as dev
-
-
-class FakeCuda:
-    """Per-device compute capabilities and the current device, as the CUDA driver would answer."""
-
-    def __init__(self, capabilities: dict[int, tuple[int, int]]) -> None:
-        self.capabilities = capabilities
-        self.current = 0
-
-    def get_device_capability(self, index: int) -> tuple[int, int]:
-        return self.capabilities[index]
-
-    def is_bf16_supported(self, including_emulation: bool = True) -> bool:
-        return self.capabilities[self.current][0] >= 8 or including_emulation  # torch counts emulation by default
-
-    @contextlib.contextmanager
-    def device(self, index: int) -> Iterator[None]:
-        before, self.current = self.current, index
-        try:
-            yield
-        finally:
-            self.current = before
+from tests.helpers import FakeCuda, install_fake_cuda
 
 
 @pytest.fixture
 def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
-    fake = FakeCuda({0: (9, 0), 1: (7, 0)})  # a Hopper card and a V100 beside it
-    monkeypatch.setattr(torch.cuda, "get_device_capability", fake.get_device_capability)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", fake.is_bf16_supported)
-    monkeypatch.setattr(torch.cuda, "device", fake.device)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: fake.current)
-    return fake
+    return install_fake_cuda(monkeypatch, {0: (9, 0), 1: (7, 0)})  # a Hopper card and a V100 beside it
 
 
 def test_training_uses_bf16_only_where_serving_would(fake_cuda: FakeCuda) -> None:
