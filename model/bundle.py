@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from model.card import (
     discover,
     read_card,
 )
+from model.fsync import fsync_path
 from model.unet import UNet
 
 __all__ = [
@@ -141,23 +141,15 @@ def save_bundle(folder: Path | str, card: Card, model: torch.nn.Module, storage:
     tmp_card = folder / (CARD_FILE + ".tmp")
     tmp_card.write_bytes(card_bytes)
     for tmp in (tmp_weights, tmp_card):  # durable before either is renamed: no rename of an empty file
-        _fsync(tmp)
+        fsync_path(tmp)
     tmp_card.replace(folder / CARD_FILE)
     tmp_weights.replace(folder / WEIGHTS_FILE)
-    _fsync(folder)
+    fsync_path(folder)
     return folder
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _interrupted_save(folder: Path) -> bool:

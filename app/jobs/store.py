@@ -34,6 +34,7 @@ from app.errors import Overloaded
 from app.store import Blobs, Metadata
 from app.store.s3 import is_missing, unavailable_as_503
 from app.store.sql import SqlRows
+from model.fsync import fsync_path
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running")
@@ -302,14 +303,6 @@ class JobStore:
 
 
 # --- files -----------------------------------------------------------------------------------------------------
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_done(tmp: Path, final: Path) -> None:

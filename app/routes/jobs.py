@@ -39,11 +39,12 @@ from app.jobs import engine as adapter
 from app.jobs.pipeline import INPUT, SLIDE_RESULTS
 from app.jobs.runner import JobService, result_files
 from app.jobs.slide import Slide, is_tiff
-from app.jobs.store import ACTIVE, Job, fsync_path, new_job_id
+from app.jobs.store import ACTIVE, Job, new_job_id
 from app.routes.bodies import FORM_TYPES, _missing, _present, image_body, is_raw, media_type
 from app.routes.errors import ERRORS, RETRY_AFTER, _error
 from app.store import UploadStore
 from model.card import SlideSpec
+from model.fsync import fsync_path
 
 router = APIRouter(tags=["jobs"], route_class=KeyCheckedRoute)
 

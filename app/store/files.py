@@ -24,14 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from app.store import CHUNK, ID_RE, BlobDamaged, Blobs, Staged
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from model.fsync import fsync_path
 
 
 def _pieces(f: BinaryIO) -> Iterator[bytes]:
@@ -89,7 +82,7 @@ class FileBlobs(Blobs):
         final = self.path_for(staged.id)
         final.parent.mkdir(exist_ok=True)
         os.replace(path, final)
-        _fsync_dir(final.parent)
+        fsync_path(final.parent)
 
     def discard(self, staged: Staged) -> None:
         fd, path = staged.handle
