@@ -33,12 +33,11 @@ from PIL import Image
 
 from bench import ROOT
 from bench.loadgen import multipart_request, run_load
+from bench.procs import cpu_seconds, tree
 from bench.run import free_port, server
 from model.bundle import Card, ClassInfo, Dataset, InputPolicy, save_bundle
 from model.train import hardware
 from model.unet import UNet, UNetConfig
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def near_free_bundle(folder: Path) -> Path:
@@ -54,31 +53,6 @@ def near_free_bundle(folder: Path) -> Path:
     torch.manual_seed(0)
     save_bundle(folder / "free", card, UNet(card.architecture).eval(), "float32")
     return folder
-
-
-def tree(pid: int) -> list[int]:
-    """``pid`` and every descendant living now."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except OSError:
-            continue
-    return out
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds of the processes (and of their reaped children)."""
-    total = 0
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
-    return total / CLOCK_TICKS
 
 
 def jpeg(side: int) -> bytes:

@@ -14,6 +14,11 @@ Each step gets a share of ``--budget-s`` (default 6 minutes) and its result, or 
 3. ``bench.run``: raw forward at batches up to 64, the service (its batch limit measured) against the naive
    server and LitServe at 1, 8, 64 and 128 clients;
 4. the worker sweep: the service alone with ``--workers`` 1, 2, 4, 8 and 12 at 64 and 128 clients.
+
+``--steps`` runs some of them; every load also records the CPU each server process used, by role (engine
+process, front ends), so that the table says which process was the limit, and ``--profile`` adds py-spy
+samples (collapsed stacks) of the engine process and a front end at the largest load, where py-spy is
+installed.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from bench import ROOT
 from model.bundle import discover, load_bundle
 from model.train import hardware
 
+STEPS = ("tests", "parity", "serving", "sweep")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
 
@@ -119,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=360.0)
     ap.add_argument("--dry-run", action="store_true", help="every step, small and short (for a CPU)")
     ap.add_argument("--out", type=Path, default=ROOT / "artifacts" / "gpu-check")
+    ap.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="the steps to run (default: all)")
+    ap.add_argument("--seconds", type=float, default=4.0, help="measured seconds per load")
+    ap.add_argument("--sweep", nargs="+", default=["1", "2", "4", "8", "12"], help="front-end counts to sweep")
+    ap.add_argument("--profile", action="store_true", help="py-spy samples of the servers at the largest load")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(a.device)
@@ -134,36 +144,41 @@ def main(argv: list[str] | None = None) -> int:
     }
     tests = ["tests/app/test_device.py", "tests/app/test_engine.py", "tests/app/test_batching.py"]
     tests += ["tests/app/test_graph.py", "tests/app/test_engine_instances.py"]
-    print("1. engine tests", flush=True)
 
     # The dry run checks that every step works: each gets the whole budget (a CPU is slow at this).
     def share(part: float) -> float:
         return float(budget if a.dry_run else budget * part)
 
-    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
-    report["tests"] = step("tests", pytest, share(0.2), a.out)
+    if "tests" in a.steps:
+        print("1. engine tests", flush=True)
+        pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
+        report["tests"] = step("tests", pytest, share(0.15), a.out)
 
-    print("2. parity", flush=True)
-    images = frames(a.frames, 4 if a.dry_run else 40)
-    report["parity"] = parity(a.weights_dir, device, images)
+    if "parity" in a.steps:
+        print("2. parity", flush=True)
+        images = frames(a.frames, 4 if a.dry_run else 40)
+        report["parity"] = parity(a.weights_dir, device, images)
 
-    seconds = "1" if a.dry_run else "4"
+    seconds = "1" if a.dry_run else str(a.seconds)
     clients = ["1", "8"] if a.dry_run else ["1", "8", "64", "128"]
     batches = ["1", "2"] if a.dry_run else ["1", "2", "4", "8", "16", "32", "64"]
     common = ["--weights-dir", str(a.weights_dir), "--model", a.model, "--device", str(device), "--seconds", seconds]
-    print("3. serving benchmark", flush=True)
-    run_json = a.out / "serving.json"
-    cmd = [sys.executable, "-m", "bench.run", *common, "--clients", *clients, "--raw-batches", *batches]
-    cmd += ["--large-side", "1024" if a.dry_run else "4000", "--out", str(run_json)]
-    workers = "1" if device.type == "cpu" else "0"
-    report["serving"] = step("serving", [*cmd, "--workers", workers], share(0.35), a.out)
-    if run_json.exists():
-        report["serving"]["result"] = json.loads(run_json.read_text())
+    if "serving" in a.steps:
+        print("3. serving benchmark", flush=True)
+        run_json = a.out / "serving.json"
+        cmd = [sys.executable, "-m", "bench.run", *common, "--clients", *clients, "--raw-batches", *batches]
+        cmd += ["--large-side", "1024" if a.dry_run else "4000", "--out", str(run_json)]
+        cmd += ["--profile", str(a.out / "profiles")] if a.profile else []
+        workers = "1" if device.type == "cpu" else "0"
+        report["serving"] = step("serving", [*cmd, "--workers", workers], share(0.45), a.out)
+        if run_json.exists():  # what it measured before it stopped, if it did not finish
+            report["serving"]["result"] = json.loads(run_json.read_text())
 
-    print("4. worker sweep", flush=True)
     sweep: dict[str, Any] = {}
-    counts = ["1", "2"] if a.dry_run else ["1", "2", "4", "8", "12"]
-    for n in counts:
+    counts = a.sweep[:2] if a.dry_run else a.sweep
+    if "sweep" in a.steps:
+        print("4. worker sweep", flush=True)
+    for i, n in enumerate(counts if "sweep" in a.steps else []):
         left = budget if a.dry_run else budget - (time.monotonic() - start)
         if left < 20:
             sweep[n] = {"skipped": "out of time"}
@@ -171,10 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         out_json = a.out / f"workers-{n}.json"
         cmd = [sys.executable, "-m", "bench.run", *common, "--peers", "--raw-batches", "1"]
         cmd += ["--clients", *(clients[-2:]), "--large-side", "512", "--workers", n, "--out", str(out_json)]
-        sweep[n] = step(f"workers-{n}", cmd, min(left, share(0.1)), a.out)
+        sweep[n] = step(f"workers-{n}", cmd, left / (len(counts) - i), a.out)
         if out_json.exists():
-            loads = json.loads(out_json.read_text())["service"]["loads"]
+            result = json.loads(out_json.read_text())
+            loads = result.get("service", {}).get("loads", [])
             sweep[n]["images_per_s"] = {str(r["clients"]): r["images_per_s"] for r in loads}
+            sweep[n]["cpu"] = {str(r["clients"]): r.get("cpu") for r in loads}
     report["worker_sweep"] = sweep
     report["seconds"] = round(time.monotonic() - start, 1)
     (a.out / "gpu-check.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -185,18 +202,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(report: dict[str, Any]) -> str:
     lines = [f"{report['hardware']} ({report['device']}), torch {report['torch']}, {report['seconds']} s", ""]
-    lines.append(f"Engine tests: exit {report['tests']['exit']}: {report['tests']['tail'].strip().splitlines()[-1:]}")
-    lines += ["", "| model | precision | images | pixel agreement with CPU float32 |", "|---|---|---:|---:|"]
-    for name, p in report["parity"].items():
-        lines.append(f"| {name} | {p['precision']} | {p['images']} | {p['pixel_agreement']} |")
-    result = report["serving"].get("result")
+    if "tests" in report:
+        tail = report["tests"]["tail"].strip().splitlines()[-1:]
+        lines.append(f"Engine tests: exit {report['tests']['exit']}: {tail}")
+    if "parity" in report:
+        lines += ["", "| model | precision | images | pixel agreement with CPU float32 |", "|---|---|---:|---:|"]
+        for name, p in report["parity"].items():
+            lines.append(f"| {name} | {p['precision']} | {p['images']} | {p['pixel_agreement']} |")
+    result = report.get("serving", {}).get("result")
     if result:
         from bench.run import render as render_run
 
         lines += ["", render_run(result)]
-    lines += ["", "| front ends | images/s by clients |", "|---:|---|"]
+    lines += ["", "| front ends | images/s by clients | cores busy by role (busiest process) |", "|---:|---|---|"]
     for n, row in report["worker_sweep"].items():
-        lines.append(f"| {n} | {row.get('images_per_s', row.get('skipped', row.get('exit')))} |")
+        cpu = {
+            c: f"{v['cores_busy_by_role']} ({v['busiest_process']['cores_busy']})"
+            for c, v in row.get("cpu", {}).items()
+            if v
+        }
+        lines.append(f"| {n} | {row.get('images_per_s', row.get('skipped', row.get('exit')))} | {cpu or '-'} |")
     return "\n".join(lines)
 
 

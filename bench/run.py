@@ -44,6 +44,7 @@ from app.engine import resolve_device, resolve_dtype, stream_threads
 from app.engine.graph import GRAPHS, script_graph, wants_script
 from bench import DATASETS, ROOT
 from bench.loadgen import LoadResult, json_request, multipart_request, run_load
+from bench.procs import CpuMeter, profile
 from model.bundle import discover, load_bundle
 from model.device import hardware
 
@@ -86,7 +87,8 @@ def server(
         cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
-        deadline = time.monotonic() + 180
+        started = time.monotonic()
+        deadline = started + 180
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"{cmd[2]} exited: {Path(log.name).read_text()[-2000:]}")
@@ -98,6 +100,7 @@ def server(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{cmd[2]} not ready: {Path(log.name).read_text()[-2000:]}")
             time.sleep(0.2)
+        print(f"  {cmd[2]} ready in {time.monotonic() - started:.1f} s", flush=True)
         yield proc
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -234,21 +237,45 @@ def raw_forward(
     }
 
 
+def save(report: dict[str, Any], out: Path) -> None:
+    """The report so far (each server's section is kept even if a later one fails or the run is stopped)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def load(port: int, request: bytes, clients: int, seconds: float) -> LoadResult:
     return asyncio.run(run_load("127.0.0.1", port, request, clients, seconds, warmup_s=min(3.0, seconds / 3)))
 
 
 def measure(
-    name: str, port: int, small: bytes, large: bytes, clients: list[int], seconds: float, build: Any
+    name: str,
+    proc: subprocess.Popen[bytes],
+    port: int,
+    small: bytes,
+    large: bytes,
+    clients: list[int],
+    seconds: float,
+    build: Any,
+    profile_dir: Path | None = None,
 ) -> dict[str, Any]:
+    """Each client count's load on a server, with the CPU its processes (by role) and the load generator used;
+    with ``profile_dir``, the largest load is also sampled by py-spy (``bench.procs.profile``)."""
     out: dict[str, Any] = {"loads": []}
+    meter = CpuMeter(proc.pid)
     for c in clients:
+        spies = profile(proc.pid, seconds, profile_dir, f"{name}-{c}") if profile_dir and c == max(clients) else []
+        meter.start()
         r = load(port, build(small), c, seconds)
-        out["loads"].append(r.summary())
+        for spy in spies:
+            spy.wait(30)
+        out["loads"].append({**r.summary(), "cpu": meter.stop(r.throughput)})
+        cpu = out["loads"][-1]["cpu"]
         print(
             f"  {name:<10} {c:>3} clients: {r.throughput:7.2f} img/s  p50 {r.percentile(50) * 1000:7.1f} ms  "
             f"p99 {r.percentile(99) * 1000:7.1f} ms  errors {r.errors}"
-            + (f"  non-model share {out['loads'][-1]['non_model_share_p50']}" if r.non_model else ""),
+            + (f"  non-model share {out['loads'][-1]['non_model_share_p50']}" if r.non_model else "")
+            + f"  cores busy {cpu['cores_busy_by_role']} (busiest process {cpu['busiest_process']['cores_busy']},"
+            f" load generator {cpu['loadgen_cores_busy']})",
             flush=True,
         )
     big = load(port, build(large), 1, max(3.0, seconds / 2))
@@ -275,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graph", default="auto", choices=GRAPHS, help="UNETSEG_GRAPH for the service and the raw forward")
     ap.add_argument("--peers", nargs="*", default=["naive", "litserve"], choices=["naive", "litserve"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
+    ap.add_argument("--profile", type=Path, help="a folder for py-spy samples of each server at the largest load")
     a = ap.parse_args(argv)
 
     folders = {load_bundle(f).card.name: f for f in discover(a.weights_dir)}
@@ -324,10 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         report["raw"]["fraction_of_peak"] = round(report["raw"]["achieved_tflops"] / peak, 4)
     print(f"  {report['raw']}", flush=True)
 
-    with tempfile.TemporaryDirectory() as data_dir:
+    # The service serves the measured model alone, as its peers do (and warms up only that one).
+    with tempfile.TemporaryDirectory() as data_dir, tempfile.TemporaryDirectory() as served:
+        (Path(served) / bundle_dir.name).symlink_to(bundle_dir.resolve(), target_is_directory=True)
         port = free_port()
         env = {
-            "UNETSEG_WEIGHTS_DIR": str(a.weights_dir),
+            "UNETSEG_WEIGHTS_DIR": served,
             "UNETSEG_DATA_DIR": data_dir,
             "UNETSEG_DEVICE": str(device),
             "UNETSEG_MAX_BATCH": str(a.max_batch),
@@ -338,9 +368,10 @@ def main(argv: list[str] | None = None) -> int:
             "UNETSEG_LOG_LEVEL": "warning",
         }
         cmd = [sys.executable, "-m", "app", "serve", "--port", str(port), "--workers", str(a.workers)]
-        with server(cmd, port, "/readyz", env):
+        with server(cmd, port, "/readyz", env) as proc:
             report["service"] = measure(
                 "service",
+                proc,
                 port,
                 small,
                 large,
@@ -349,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
                 lambda data: multipart_request(
                     "127.0.0.1", port, f"/v1/predict?model={card.name}", "file", "x.jpg", data, "image/jpeg"
                 ),
+                a.profile,
             )
+        save(report, a.out)
     if "naive" in a.peers:
         port = free_port()
         cmd = [
@@ -363,16 +396,19 @@ def main(argv: list[str] | None = None) -> int:
             "--device",
             device.type,
         ]
-        with server(cmd, port, "/docs"):
+        with server(cmd, port, "/docs") as proc:
             report["naive"] = measure(
                 "naive",
+                proc,
                 port,
                 small,
                 large,
                 a.clients,
                 a.seconds,
                 lambda data: multipart_request("127.0.0.1", port, "/predict", "file", "x.jpg", data, "image/jpeg"),
+                a.profile,
             )
+        save(report, a.out)
     if "litserve" in a.peers:
         try:
             import litserve  # noqa: F401
@@ -397,9 +433,10 @@ def main(argv: list[str] | None = None) -> int:
                 "--workers",
                 str(a.streams),
             ]
-            with server(cmd, port, "/health"):
+            with server(cmd, port, "/health") as proc:
                 report["litserve"] = measure(
                     "litserve",
+                    proc,
                     port,
                     small,
                     large,
@@ -408,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
                     lambda data: json_request(
                         "127.0.0.1", port, "/predict", json.dumps({"image": base64.b64encode(data).decode()}).encode()
                     ),
+                    a.profile,
                 )
+            save(report, a.out)
 
     # The machine's speed can drift during a run: the ceiling is the best raw setting measured again now,
     # averaged with the first measurement.
@@ -436,21 +475,23 @@ def main(argv: list[str] | None = None) -> int:
                 r[f"service_vs_{peer}"] = round(s / v, 3)
         ratios[str(c)] = r
     report["ratios"] = ratios
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=2) + "\n")
+    save(report, a.out)
     print(render(report))
     print(f"\nwritten to {a.out}")
     return 0
 
 
 def render(report: dict[str, Any]) -> str:
+    """The report as Markdown tables (also a partial one: a run stopped before its end)."""
     raw = report["raw"]
+    ceiling = raw.get("ceiling_images_per_s", raw["best_images_per_s"])
     lines = [
         f"{report['model']['name']} ({report['model']['input']}) on {report['machine']['hardware']}, "
         f"{report['precision']}, graph {report.get('graph', 'eager')}, service streams {report['streams']}, "
         f"workers {report.get('workers', 1)}, max batch {report['max_batch'] or 'measured'}; "
-        f"raw forward best {raw['best_images_per_s']} img/s (again at the end: {raw['best_images_per_s_after']}; "
-        f"ceiling {raw['ceiling_images_per_s']}) at batch {raw['best_batch']} x {raw['best_streams']} stream(s) "
+        f"raw forward best {raw['best_images_per_s']} img/s "
+        f"(again at the end: {raw.get('best_images_per_s_after', '-')}; "
+        f"ceiling {ceiling}) at batch {raw['best_batch']} x {raw['best_streams']} stream(s) "
         f"({raw['gflop_per_image']} GFLOP/image, {raw['achieved_tflops']} TFLOP/s"
         + (
             f", {raw['fraction_of_peak']:.1%} of the {raw['peak_bf16_tflops']} TFLOP/s bf16 peak)"
@@ -458,23 +499,27 @@ def render(report: dict[str, Any]) -> str:
             else ")"
         ),
         "",
-        "| server | clients | images/s | p50 ms | p99 ms | errors | vs raw | non-model share (p50) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | clients | images/s | p50 ms | p99 ms | errors | vs raw | non-model share (p50) "
+        "| cores busy: server (busiest process) | load generator |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in ("service", "naive", "litserve"):
         for row in report.get(name, {}).get("loads", []):
-            vs = row["images_per_s"] / raw["ceiling_images_per_s"]
+            vs = row["images_per_s"] / ceiling
             errors = sum(row["errors"].values())
+            cpu = row.get("cpu", {})
+            busy = f"{cpu['server_cores_busy']} ({cpu['busiest_process']['cores_busy']})" if cpu else "-"
             lines.append(
                 f"| {name} | {row['clients']} | {row['images_per_s']} | {row['p50_ms']} | {row['p99_ms']} | "
-                f"{errors} | {vs:.2f} | {row.get('non_model_share_p50', '-')} |"
+                f"{errors} | {vs:.2f} | {row.get('non_model_share_p50', '-')} | {busy} | "
+                f"{cpu.get('loadgen_cores_busy', '-')} |"
             )
     lines += ["", "| server | large image p50 ms |", "|---|---:|"]
     for name in ("service", "naive", "litserve"):
-        if name in report:
+        if "large" in report.get(name, {}):
             lines.append(f"| {name} | {report[name]['large']['p50_ms']} |")
     lines += ["", "| clients | service/raw | service/naive | service/LitServe |", "|---:|---:|---:|---:|"]
-    for c, r in report["ratios"].items():
+    for c, r in report.get("ratios", {}).items():
         lines.append(
             f"| {c} | {r.get('service_vs_raw', '-')} | {r.get('service_vs_naive', '-')} | "
             f"{r.get('service_vs_litserve', '-')} |"
