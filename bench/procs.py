@@ -92,7 +92,8 @@ class CpuMeter:
 
 def profile(root: int, seconds: float, out_dir: Path, label: str) -> list[subprocess.Popen[bytes]]:
     """Sample the engine process and one front end (or the server, where it is one process) with ``py-spy``
-    for ``seconds``, into ``OUT_DIR/LABEL-ROLE.txt`` (collapsed stacks: one line per stack and its count).
+    for ``seconds``, into ``OUT_DIR/LABEL-ROLE.txt`` (collapsed stacks of the thread holding the interpreter
+    lock: one line per stack and its count; where the lock is the limit, this is where its time goes).
     Nothing where py-spy is not installed; the caller waits for the returned processes."""
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if spy is None:
@@ -102,7 +103,17 @@ def profile(root: int, seconds: float, out_dir: Path, label: str) -> list[subpro
     for p in tree(root):
         picked.setdefault(role(p), p)
     targets = {r: p for r, p in picked.items() if r in ("engine", "front end")} or {"server": root}
-    args = ["record", "--duration", str(max(1, round(seconds))), "--rate", "200", "--nonblocking", "--format", "raw"]
+    args = [
+        "record",
+        "--duration",
+        str(max(1, round(seconds))),
+        "--rate",
+        "200",
+        "--nonblocking",
+        "--gil",
+        "--format",
+        "raw",
+    ]
     return [
         subprocess.Popen(
             [spy, *args, "--pid", str(p), "-o", str(out_dir / f"{label}-{r.replace(' ', '-')}.txt")],
