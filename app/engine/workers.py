@@ -20,6 +20,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -233,9 +234,12 @@ class ModelEngine:
                 assert work.outputs is not None
                 result.set_result((work.outputs, f.result()))
 
+        inner_ref = weakref.ref(inner)  # inner's callback (relay) holds ``result``: no cycle back to it
+
         def cancel_inner(f: concurrent.futures.Future[tuple[torch.Tensor, Timing]]) -> None:
-            if f.cancelled():
-                inner.cancel()
+            pending = inner_ref()
+            if pending is not None and f.cancelled():
+                pending.cancel()
 
         result.add_done_callback(cancel_inner)
         inner.add_done_callback(relay)
@@ -262,7 +266,17 @@ class ModelEngine:
                     f"model {self.name!r} has {self.queue.queue_size} requests waiting; retry shortly"
                 ) from None
             self._cond.notify()
-        fut.add_done_callback(lambda f: self._drop(job) if f.cancelled() else None)
+        # The callback holds the job weakly. ``job.future`` is this future, which keeps its callbacks once
+        # done: a strong reference back would make a cycle that keeps the job's work (an image, a slide
+        # region's accumulator) alive after the request lets go of it, until the cyclic GC's next full pass.
+        job_ref = weakref.ref(job)
+
+        def drop_if_cancelled(f: concurrent.futures.Future[Timing]) -> None:
+            queued = job_ref()
+            if queued is not None and f.cancelled():
+                self._drop(queued)
+
+        fut.add_done_callback(drop_if_cancelled)
         return fut
 
     # --- bookkeeping -----------------------------------------------------------------------------
@@ -328,6 +342,7 @@ class ModelEngine:
                     finally:
                         self._batch_done(formed)
                     self._resolve(outcomes)
+                    del outcomes  # not kept while this worker waits: the jobs' work is theirs to free
                 except Exception as exc:  # a worker outlives any one batch: fail its jobs and carry on
                     log.exception("engine worker of model %s failed outside a forward pass", self.name)
                     with self._stats_lock:

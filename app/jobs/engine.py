@@ -20,7 +20,6 @@ import numpy as np
 
 from app.config import Settings
 from app.errors import NotReady, Overloaded
-from app.heap import trim_memory
 from app.inference import Inference
 from app.pipeline import Answer, Ask, predict, segment
 from model.card import Card
@@ -127,9 +126,3 @@ def open_engine(bundle: Path, settings: Settings) -> Engine:
     )
     engine.start(warmup=settings.max_batch == 0)
     return engine
-
-
-def release_memory() -> None:
-    """Hand the heap a region freed back to the system (glibc ``malloc_trim``, as the engine does after a large
-    request): without it the arenas of the job's threads keep growing with fragments over a long slide."""
-    trim_memory()

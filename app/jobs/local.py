@@ -58,7 +58,6 @@ def segment_slide(
 
     async def report(p: dict[str, Any]) -> None:
         nonlocal shown
-        await asyncio.get_running_loop().run_in_executor(pool, adapter.release_memory)
         now = time.perf_counter()
         if progress is None or (now - shown < (0.2 if tty else 10.0) and p["stage"] == "segmenting"):
             return

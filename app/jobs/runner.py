@@ -302,8 +302,6 @@ class JobRunner:
             nonlocal last
             if self.metrics and p["tiles_done"] > progress.get("tiles_done", 0) and p["stage"] == "segmenting":
                 self.metrics.tiles.labels(card.name).inc(p["tiles_done"] - progress.get("tiles_done", 0))
-            if p["tiles_done"] > progress.get("tiles_done", 0):  # a region was segmented and saved
-                await loop.run_in_executor(executor, adapter.release_memory)
             progress.update(p)
             now = time.monotonic()
             if now - last >= PROGRESS_EVERY_S or p["stage"] != "segmenting":

@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import asyncio
+import gc
 import threading
+import time
+import weakref
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,6 +15,7 @@ import torch
 
 from app.engine import Engine, ModelEngine, Timing, resolve_device, resolve_dtype
 from app.errors import InferenceFailed, Overloaded, UnknownModel
+from app.pipeline import segment
 from model.bundle import load_bundle
 from tests.helpers import tiny_card, write_tiny_bundle
 
@@ -153,6 +159,62 @@ def test_cancelled_jobs_are_skipped(engine: ModelEngine) -> None:
     blocker.result(10)
     engine.stop()
     assert (1, 3, 32, 32) not in rec(engine).shapes
+
+
+def freed_without_the_cyclic_gc(refs: list[weakref.ref[Any]]) -> bool:
+    """Whether every object of ``refs`` goes within a few seconds (a worker drops its last references after
+    it resolved the futures) while the cyclic GC is off: only reference counting frees them."""
+    deadline = time.monotonic() + 10
+    while any(r() is not None for r in refs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return all(r() is None for r in refs)
+
+
+def test_a_requests_work_is_freed_when_it_ends_not_by_the_cyclic_gc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished request's work (its image, a tiled image's accumulator: a whole slide region's) is freed
+    as soon as the request lets go of it. A reference cycle through its job's future (which keeps its done
+    callbacks) left each one to the cyclic GC's rare full passes: a slide job's memory grew region by region."""
+    write_tiny_bundle(tmp_path / "t", name="t", sizing="tile", size=32)
+    eng = Engine.from_folder(tmp_path, torch.device("cpu"), precision="float32", streams=2)
+    eng.start(warmup=False)
+    works: list[weakref.ref[Any]] = []
+    prepare = eng.prepare
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        prepared = prepare(*args, **kwargs)
+        works.append(weakref.ref(prepared.work))
+        return prepared
+
+    monkeypatch.setattr(eng, "prepare", recording)
+    image = np.zeros((100, 90, 3), np.uint8)
+    gc.disable()
+    try:
+        for _ in range(3):
+            mask, _, _ = asyncio.run(segment(eng, None, image, background=True))
+            assert mask.shape == (100, 90)
+        assert len(works) == 3
+        assert freed_without_the_cyclic_gc(works)
+    finally:
+        gc.enable()
+        eng.stop()
+
+
+def test_a_submitted_batchs_future_is_freed_when_dropped_not_by_the_cyclic_gc(engine: ModelEngine) -> None:
+    engine.start()
+    refs: list[weakref.ref[Any]] = []
+    gc.disable()
+    try:
+        for n in (1, 5):
+            fut = engine.submit(torch.randn(n, 3, 8, 8))
+            assert fut.result(10)[0].shape == (n, 2, 8, 8)
+            refs.append(weakref.ref(fut))
+            del fut
+        assert freed_without_the_cyclic_gc(refs)
+    finally:
+        gc.enable()
+        engine.stop()
 
 
 def test_engine_registry_and_sync_pipeline(tmp_path: Path) -> None:
