@@ -75,7 +75,7 @@ def serve(argv: Sequence[str]) -> int:
 
         workers = default_workers()
     try:  # before anything loads: a port in use is said at once, not after the models are warm
-        sock = bind(settings.host, settings.port)
+        sock = bind(settings.host, settings.port, reuse_port=workers > 1)
     except OSError as exc:
         print(
             f"unetseg serve: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr

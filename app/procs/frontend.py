@@ -1,6 +1,6 @@
-"""One HTTP front end of ``unetseg serve --workers N``: the whole service of ``create_app`` on a listening socket
-shared with the other front ends (the kernel hands each new connection to one of them), its models in the
-engine process (``UNETSEG_ENGINE_SOCKET``). No torch is loaded here.
+"""One HTTP front end of ``unetseg serve --workers N``: the whole service of ``create_app`` on its own listening
+socket, one of the front ends' SO_REUSEPORT group on the service's port (the kernel hands each new connection
+to one of them), its models in the engine process (``UNETSEG_ENGINE_SOCKET``). No torch is loaded here.
 
     python -m app.procs.frontend --fd FD [--grace S]      (started by the supervisor; settings: UNETSEG_*)
 """

@@ -1,8 +1,9 @@
 """``unetseg serve --workers N``: one engine process and N HTTP front ends on one port.
 
-The command binds the port first (a port in use fails at once, before any model loads); the supervisor starts the engine
-process (``server``) and the front ends (``frontend``), each given the listening socket, and then watches
-them: a front end that exits is started again; an engine process that exits is started again, unless it
+The command binds the port first (a port in use fails at once, before any model loads); the supervisor starts
+the engine process (``server``) and the front ends (``frontend``), each given its own listening socket on the
+port (one SO_REUSEPORT group: the kernel spreads the connections over them), and then watches them: a front
+end that exits is started again on its socket; an engine process that exits is started again, unless it
 never got going (a bad bundle: the command exits 3 with its message). The front ends connect to the engine
 process through a Unix socket in a private run folder, which also holds the Prometheus multiprocess files
 (every front end's request counts, summed by whichever front end answers ``/metrics``). Only the first front
@@ -33,6 +34,7 @@ from types import FrameType
 
 from app.config import Settings
 from app.procs.protocol import remove_leftovers
+from app.serving import reuse_port_group
 
 log = logging.getLogger("unetseg")
 
@@ -119,13 +121,17 @@ class Supervisor:
         """Serve on ``sock`` (bound by ``app.serving.bind``) until SIGTERM or SIGINT; 0, or 3 when the engine
         process cannot start."""
         s = self.settings
-        sock.listen(2048)
-        sock.set_inheritable(True)
+        # A listening socket per front end (one SO_REUSEPORT group), kept here so that a front end started
+        # again takes over its predecessor's socket and the connections waiting in it.
+        listeners = reuse_port_group(sock, self.workers) if self.workers > 1 else [sock]
+        for listener in listeners:
+            listener.listen(2048)
+            listener.set_inheritable(True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         engine = self.start_engine()
         engine_started = time.monotonic()
-        fronts = [self.start_front(sock.fileno(), i) for i in range(self.workers)]
+        fronts = [self.start_front(listeners[i].fileno(), i) for i in range(self.workers)]
         log.info(
             "serving on http://%s:%d with %d front ends and engine process %d", s.host, s.port, self.workers, engine.pid
         )
@@ -144,13 +150,13 @@ class Supervisor:
                     if (rc := front.poll()) is not None and not self.stopping:
                         log.warning("front end %d exited (%s); starting another", front.pid, rc)
                         remove_leftovers(front.pid)
-                        fronts[i] = self.start_front(sock.fileno(), i)
+                        fronts[i] = self.start_front(listeners[i].fileno(), i)
         finally:
-            self._stop(fronts, engine, sock)
+            self._stop(fronts, engine, listeners)
         return code
 
     def _stop(
-        self, fronts: list[subprocess.Popen[bytes]], engine: subprocess.Popen[bytes], sock: socket.socket
+        self, fronts: list[subprocess.Popen[bytes]], engine: subprocess.Popen[bytes], listeners: list[socket.socket]
     ) -> None:
         """Front ends first (they finish their requests, which still need the engine), then the engine."""
         for front in fronts:
@@ -164,7 +170,8 @@ class Supervisor:
                 front.kill()
                 front.wait()
             remove_leftovers(front.pid)
-        sock.close()
+        for listener in listeners:
+            listener.close()
         with contextlib.suppress(ProcessLookupError):
             engine.send_signal(signal.SIGTERM)
         try:

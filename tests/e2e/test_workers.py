@@ -7,6 +7,7 @@ SIGTERM lets requests in flight finish before everything stops, and nothing is l
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -52,6 +53,27 @@ def cells_batches(base: str) -> float:
     """Forward passes of the tiled model so far (the engine process's count, in /metrics)."""
     found = re.search(r'unetseg_batch_size_count\{model="cells"\} (\S+)', httpx.get(f"{base}/metrics").text)
     return float(found.group(1)) if found else 0.0
+
+
+def spread(base: str, connections: int) -> dict[int, int]:
+    """Open ``connections`` keep-alive connections at once, ask ``/healthz`` on each: connections per front end."""
+    host, port = base.removeprefix("http://").split(":")
+
+    async def burst() -> list[int]:
+        opened = await asyncio.gather(*(asyncio.open_connection(host, int(port)) for _ in range(connections)))
+        try:
+            for _, writer in opened:
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            heads = [(await reader.readuntil(b"\r\n\r\n")).decode() for reader, _ in opened]
+        finally:
+            for _, writer in opened:
+                writer.close()
+        return [int(re.search(r"(?i)x-served-by: \S+:(\d+)", h).group(1)) for h in heads]  # type: ignore[union-attr]
+
+    counts: dict[int, int] = {}
+    for pid in asyncio.run(burst()):
+        counts[pid] = counts.get(pid, 0) + 1
+    return counts
 
 
 def shm_files() -> set[str]:
@@ -149,6 +171,11 @@ def test_a_dead_front_end_is_replaced_and_sigterm_lets_requests_finish(tmp_path:
                 break
             assert time.monotonic() < deadline, "the dead front end was not replaced"
             time.sleep(0.2)
+        # Keep-alive connections opened in a burst are spread over the front ends, the new one included (each
+        # has its own socket on the port; with one shared socket, the first to wake took nearly all of them).
+        counts = spread(base, 32)
+        assert len(counts) == 2 and set(counts) <= now and victim not in counts, counts
+        assert min(counts.values()) >= 4, counts
         # A tiled request that takes a while is in flight when SIGTERM comes: it finishes, then all stop.
         slow = image_bytes(1600, 1200, seed=5)  # 3234 tiles of 32, one per forward pass
         before = cells_batches(base)
