@@ -24,8 +24,14 @@ def as_hwc(image: np.ndarray, policy: InputPolicy) -> np.ndarray:
 
 
 def resize_image(image: np.ndarray, policy: InputPolicy) -> np.ndarray:
-    """(H, W[, C]) uint8 -> (size, size, C) uint8, resized with Pillow's bilinear filter (a writable copy)."""
-    as_hwc(image, policy)
+    """(H, W[, C]) uint8 -> (size, size, C) uint8, resized with Pillow's bilinear filter (a writable copy).
+
+    An image already at the size is copied as it is: what Pillow would give, without its round trip (with
+    ``serve --workers`` the front end resizes, and the engine process, whose interpreter every request
+    shares, only takes the copy)."""
+    hwc = as_hwc(image, policy)
+    if hwc.shape[:2] == (policy.size, policy.size):
+        return np.array(hwc, dtype=np.uint8, order="C")
     pil = Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image)
     if pil.size != (policy.size, policy.size):
         pil = pil.resize((policy.size, policy.size), Image.Resampling.BILINEAR)

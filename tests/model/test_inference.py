@@ -95,3 +95,19 @@ def test_tiles_of_a_small_image_are_padded_with_the_mean() -> None:
 def test_channel_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="channels"):
         make_plan(np.zeros((8, 8, 3), np.uint8), policy("resize", 16, channels=1))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_an_image_already_at_the_input_size_is_copied_as_pillow_would_give_it(channels: int) -> None:
+    from PIL import Image
+
+    from model.pixels import resize_image
+
+    policy = InputPolicy(channels, (0.5,) * channels, (0.25,) * channels, "resize", 24)
+    image = np.random.default_rng(channels).integers(0, 256, (24, 24, channels), dtype=np.uint8)
+    pil = Image.fromarray(image[:, :, 0] if channels == 1 else image)
+    out = resize_image(image, policy)
+    assert out.shape == (24, 24, channels) and out.flags.writeable and out.flags.c_contiguous
+    assert np.array_equal(out, np.array(pil).reshape(24, 24, channels))
+    out[0, 0] ^= 255
+    assert not np.array_equal(out, image)  # a copy: the caller's image is never written
