@@ -178,11 +178,12 @@ def _query_names(dependant: Dependant) -> set[str]:
     return names
 
 
-def single_valued_query(request: Request) -> None:
+async def single_valued_query(request: Request) -> None:
     """Refuse (422) a query parameter of the route given more than once, which would otherwise silently be
-    its last value (``?model=a&model=b`` segmenting with b). The error is FastAPI's own list of field errors."""
+    its last value (``?model=a&model=b`` segmenting with b). The error is FastAPI's own list of field errors.
+    A coroutine: FastAPI runs a plain function dependency on a worker thread, a hand-off every request."""
     route = request.scope.get("route")
-    if not isinstance(route, APIRoute):
+    if not isinstance(route, APIRoute) or not request.query_params:
         return
     declared = _query_names(route.dependant)
     repeated = sorted({key for key, _ in request.query_params.multi_items() if key in declared})

@@ -21,7 +21,7 @@ router = APIRouter(tags=["health"])
     response_model_exclude={"store"},  # /readyz's
     description="200 while the process lives, whether or not the models are loaded.",
 )
-def healthz() -> Status:
+async def healthz() -> Status:
     return Status(status="ok")
 
 
