@@ -33,16 +33,26 @@ def is_missing(exc: Exception) -> bool:
 
 @contextlib.contextmanager
 def unavailable_as_503() -> Iterator[None]:
-    """No answer from the endpoint, or a 5xx (SlowDown, InternalError): the store's trouble, a 503."""
+    """No answer from the endpoint, or a 5xx (SlowDown, InternalError): the store's trouble, a 503. boto3's
+    managed transfers (``upload_file``, ``download_file``) say the same in their own exceptions: an upload's
+    ClientError comes wrapped in S3UploadFailedError, retries run out in RetriesExceededError."""
+    from boto3.exceptions import RetriesExceededError, S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
+
+    def server_side(exc: BaseException | None) -> bool:
+        response = (getattr(exc, "response", None) or {}) if isinstance(exc, ClientError) else {}
+        return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)) >= 500
 
     try:
         yield
-    except BotoCoreError as exc:
+    except (BotoCoreError, RetriesExceededError) as exc:
         raise StoreUnavailable(f"the upload bucket is unavailable: {exc}") from exc
     except ClientError as exc:
-        status = (getattr(exc, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if int(status) >= 500:
+        if server_side(exc):
+            raise StoreUnavailable(f"the upload bucket is unavailable: {exc}") from exc
+        raise
+    except S3UploadFailedError as exc:
+        if server_side(exc.__context__) or isinstance(exc.__context__, BotoCoreError):
             raise StoreUnavailable(f"the upload bucket is unavailable: {exc}") from exc
         raise
 

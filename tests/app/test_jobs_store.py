@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from app.config import Settings
@@ -258,6 +259,35 @@ def test_a_bucket_that_does_not_answer_is_a_503_for_job_files(tmp_path: Path, er
     for call in calls:
         with pytest.raises(StoreUnavailable, match="unavailable"):
             call()
+
+
+def upload_failed(cause: Exception) -> S3UploadFailedError:
+    """What boto3's ``upload_file`` raises for a ClientError: its own exception, the ClientError as context."""
+    try:
+        try:
+            raise cause
+        except ClientError as exc:
+            raise S3UploadFailedError(f"Failed to upload input: {exc}")  # noqa: B904 - boto3 raises it so
+    except S3UploadFailedError as wrapped:
+        return wrapped
+
+
+def test_a_managed_transfer_that_the_bucket_fails_is_a_503_and_a_refused_one_is_not(tmp_path: Path) -> None:
+    job_id = new_job_id()
+    for error, unavailable in [
+        (upload_failed(client_error("SlowDown", 503)), True),
+        (upload_failed(client_error("InternalError", 500)), True),
+        (RetriesExceededError(EndpointConnectionError(endpoint_url="http://s3.invalid")), True),
+        (upload_failed(client_error("AccessDenied", 403)), False),
+    ]:
+        files = S3JobFiles(Failing(error), "bucket", "jobs/", tmp_path / "cache")
+        (files.workdir(job_id) / "input").write_bytes(b"x")
+        if unavailable:
+            with pytest.raises(StoreUnavailable, match="unavailable"):
+                files.save(job_id, "input")
+        else:
+            with pytest.raises(S3UploadFailedError):  # the bucket refused: not the store being away
+                files.save(job_id, "input")
 
 
 def test_a_job_file_is_missing_only_when_the_bucket_says_so(tmp_path: Path) -> None:
