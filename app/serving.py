@@ -30,8 +30,16 @@ from app.config import Settings
 def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A TCP socket bound to (host, port), not yet listening; OSError (in use, no such address) as it comes.
 
-    ``reuse_port``: one of a group of sockets on the same port (SO_REUSEPORT), among which the kernel spreads
-    new connections evenly; ``serve --workers N`` gives each front end its own (``reuse_port_group``)."""
+    ``reuse_port``: the first of a group of sockets on the same port (SO_REUSEPORT), among which the kernel
+    spreads new connections; ``serve --workers N`` gives each front end its own (``reuse_port_group``)."""
+    if reuse_port and port:
+        # Another service holding the port with SO_REUSEPORT too (another ``serve --workers`` of this user)
+        # would let this bind succeed and take a share of its connections: a plain bind first says "in use".
+        _bound(host, port, reuse_port=False).close()
+    return _bound(host, port, reuse_port)
+
+
+def _bound(host: str, port: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -56,7 +64,7 @@ def reuse_port_group(first: socket.socket, count: int) -> list[socket.socket]:
     host, port = first.getsockname()[:2]
     group = [first]
     try:
-        group += [bind(host, port, reuse_port=True) for _ in range(count - 1)]
+        group += [_bound(host, port, reuse_port=True) for _ in range(count - 1)]
     except BaseException:
         for sock in group[1:]:
             sock.close()

@@ -140,13 +140,22 @@ def test_a_body_sent_too_slowly_gets_408(server: tuple[str, Path]) -> None:
     assert b"the request body was not received in time" in answer
 
 
-def test_a_port_in_use_is_said_before_the_models_load(weights_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("workers", "holder_reuses_port"),
+    [("1", False), ("2", False), ("2", True)],  # True: held as another ``serve --workers`` holds its port
+)
+def test_a_port_in_use_is_said_before_the_models_load(
+    weights_dir: Path, tmp_path: Path, workers: str, holder_reuses_port: bool
+) -> None:
     port = free_port()
     with socket.socket() as taken:
+        if holder_reuses_port:
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         taken.bind(("127.0.0.1", port))
         taken.listen()
+        command = ["serve", "--port", str(port), "--weights-dir", str(weights_dir), "--workers", workers]
         done = subprocess.run(
-            [sys.executable, "-m", "app", "serve", "--port", str(port), "--weights-dir", str(weights_dir)],
+            [sys.executable, "-m", "app", *command],
             cwd=ROOT,
             env={"PATH": "/usr/bin:/bin", "UNETSEG_DATA_DIR": str(tmp_path / "data"), "UNETSEG_DEVICE": "cpu"},
             capture_output=True,
