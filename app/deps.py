@@ -29,6 +29,8 @@ StateDep = Annotated[AppState, Depends(get_state)]
 
 
 async def get_engine(state: StateDep) -> Inference:
+    if not state.ready.is_set() and state.confirm_ready is not None:
+        await state.confirm_ready()
     if not state.ready.is_set() or state.engine is None:
         raise NotReady(state.error or "the models are still loading")
     return state.engine

@@ -144,6 +144,7 @@ async def _remote(app: FastAPI) -> AsyncIterator[None]:
     s = state.settings
     engine = RemoteEngine(s.engine_socket, s.default_model)
     state.engine = engine
+    state.confirm_ready = engine.confirm_ready
     state.store = open_store(s)
     state.store_gate = StoreGate(s.store_threads, s.store_timeout_s, state.store.meta.ping)
     state.executor = concurrent.futures.ThreadPoolExecutor(s.io_threads or os.cpu_count() or 1, "unetseg-io")

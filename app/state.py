@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from app.config import Settings
@@ -22,6 +23,8 @@ class AppState:
     executor: concurrent.futures.ThreadPoolExecutor | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     error: str | None = None  # why start-up failed, for /readyz
+    # With --workers: ask the engine process whether it is ready now, rather than at the next poll.
+    confirm_ready: Callable[[], Awaitable[None]] | None = None
 
     def gate(self) -> StoreGate:
         """The store's threads; 503 before the store is open."""

@@ -116,6 +116,7 @@ class RemoteEngine:
         self._status: dict[str, Any] = {}
         self._connected = False
         self._was_ready = False
+        self._status_waiters: list[asyncio.Future[None]] = []  # confirm_ready's, answered by the next status
 
     # --- the models, as the routes and metrics see them -------------------------------------------
 
@@ -154,6 +155,25 @@ class RemoteEngine:
     async def start(self, on_ready: Callable[[], None]) -> None:
         """Keep a connection to the engine process in a background task; ``on_ready`` when it is first ready."""
         self._task = asyncio.create_task(self._maintain(on_ready))
+
+    async def confirm_ready(self, timeout_s: float = 4 * STATUS_S) -> None:
+        """Before this front end says "still loading": ask the engine process now (not at the next poll) and
+        wait for its status, at most ``timeout_s``. The front ends' polls are not in step, so another front
+        end may already have said ready, and a client sent on by that /readyz lands on any of them."""
+        if self._was_ready or not self._connected or self._writer is None:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._status_waiters:  # one question in flight answers every request waiting for it
+            self._writer.write(encode({"op": "status"}))
+        self._status_waiters.append(waiter)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waiter, timeout_s)
+
+    def _answer_status_waiters(self) -> None:
+        waiters, self._status_waiters = self._status_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -209,12 +229,14 @@ class RemoteEngine:
                     if message.get("ready") and not self._was_ready:
                         self._was_ready = True
                         on_ready()
+                    self._answer_status_waiters()
                     continue
                 fut = self._pending.pop(int(message.get("id", -1)), None)
                 if fut is not None and not fut.done():
                     fut.set_result(message)
         finally:
             poller.cancel()
+            self._answer_status_waiters()
 
     async def _poll(self, writer: asyncio.StreamWriter) -> None:
         while True:
