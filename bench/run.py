@@ -22,6 +22,8 @@ import io
 import json
 import os
 import platform
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -79,8 +81,15 @@ def free_port() -> int:
 
 @contextmanager
 def server(
-    cmd: list[str], port: int, health: str, env: dict[str, str] | None = None, cwd: Path = ROOT
+    cmd: list[str],
+    port: int,
+    health: str,
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
+    keep_log: Path | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
+    """A server started with ``cmd``, once ``health`` answers 200 (at most 180 s); stopped afterwards, its output
+    copied to ``keep_log`` where given."""
     log = tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False)  # noqa: SIM115
     # A session of its own, so that stopping it also stops the worker processes some servers fork.
     proc = subprocess.Popen(
@@ -111,6 +120,9 @@ def server(
             os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left
         proc.wait()
         log.close()
+        if keep_log is not None:
+            keep_log.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(log.name, keep_log)
         os.unlink(log.name)
 
 
@@ -235,6 +247,18 @@ def raw_forward(
         "best_batch": best_bs,
         "best_images_per_s": rows[best_s][best_bs],
     }
+
+
+def log_path(out: Path, name: str) -> Path:
+    """Where a server's output is kept: beside the report."""
+    return out.with_name(f"{out.stem}-{name}.log")
+
+
+def model_load_seconds(port: int) -> dict[str, float]:
+    """Each model's load and warm-up time, CUDA graphs included (the service's ``unetseg_model_load_seconds``)."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    found = re.findall(r'^unetseg_model_load_seconds\{model="([^"]+)"\} (\S+)$', text, re.MULTILINE)
+    return {name: round(float(value), 1) for name, value in found}
 
 
 def save(report: dict[str, Any], out: Path) -> None:
@@ -368,7 +392,10 @@ def main(argv: list[str] | None = None) -> int:
             "UNETSEG_LOG_LEVEL": "warning",
         }
         cmd = [sys.executable, "-m", "app", "serve", "--port", str(port), "--workers", str(a.workers)]
-        with server(cmd, port, "/readyz", env) as proc:
+        started = time.monotonic()
+        with server(cmd, port, "/readyz", env, keep_log=log_path(a.out, "service")) as proc:
+            ready_s = round(time.monotonic() - started, 1)
+            load_s = model_load_seconds(port)
             report["service"] = measure(
                 "service",
                 proc,
@@ -382,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 a.profile,
             )
+            report["service"].update(ready_s=ready_s, model_load_s=load_s)
         save(report, a.out)
     if "naive" in a.peers:
         port = free_port()
@@ -396,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
             "--device",
             device.type,
         ]
-        with server(cmd, port, "/docs") as proc:
+        started = time.monotonic()
+        with server(cmd, port, "/docs", keep_log=log_path(a.out, "naive")) as proc:
+            ready_s = round(time.monotonic() - started, 1)
             report["naive"] = measure(
                 "naive",
                 proc,
@@ -408,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda data: multipart_request("127.0.0.1", port, "/predict", "file", "x.jpg", data, "image/jpeg"),
                 a.profile,
             )
+            report["naive"]["ready_s"] = ready_s
         save(report, a.out)
     if "litserve" in a.peers:
         try:
@@ -433,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
                 "--workers",
                 str(a.streams),
             ]
-            with server(cmd, port, "/health") as proc:
+            started = time.monotonic()
+            with server(cmd, port, "/health", keep_log=log_path(a.out, "litserve")) as proc:
+                ready_s = round(time.monotonic() - started, 1)
                 report["litserve"] = measure(
                     "litserve",
                     proc,
@@ -447,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                     ),
                     a.profile,
                 )
+                report["litserve"]["ready_s"] = ready_s
             save(report, a.out)
 
     # The machine's speed can drift during a run: the ceiling is the best raw setting measured again now,
@@ -514,6 +548,12 @@ def render(report: dict[str, Any]) -> str:
                 f"{errors} | {vs:.2f} | {row.get('non_model_share_p50', '-')} | {busy} | "
                 f"{cpu.get('loadgen_cores_busy', '-')} |"
             )
+    ready = [
+        f"{n} {report[n]['ready_s']} s" for n in ("service", "naive", "litserve") if "ready_s" in report.get(n, {})
+    ]
+    if ready:
+        loads = report.get("service", {}).get("model_load_s") or {}
+        lines += ["", "Start to ready: " + ", ".join(ready) + (f" (the service's models: {loads} s)" if loads else "")]
     lines += ["", "| server | large image p50 ms |", "|---|---:|"]
     for name in ("service", "naive", "litserve"):
         if "large" in report.get(name, {}):

@@ -156,7 +156,8 @@ class ModelEngine:
 
     def start(self) -> None:
         """Give each worker its CUDA stream, pinned staging buffer and CUDA graphs (captured here, before the
-        model is reported ready), and start them."""
+        model is reported ready), and start them. The capture counts in ``load_s``."""
+        t0 = time.perf_counter()
         for i in range(self.streams):
             stream = self.runner.new_stream()
             staging = self.runner.staging(self.max_batch)
@@ -166,6 +167,7 @@ class ModelEngine:
             )
             self._threads.append(t)
             t.start()
+        self.load_s += time.perf_counter() - t0
 
     def stop(self, timeout: float | None = None) -> None:
         """Refuse new work, finish what is queued, and end the workers."""
