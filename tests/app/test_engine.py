@@ -323,3 +323,41 @@ def test_lazy_tiles_give_the_plans_mask(classes: int, shape: tuple[int, int]) ->
             work.put(i, model(x[None])[0])
     # One tiling plan and one blending, written once in model.inference: the same mask to the bit.
     assert np.array_equal(work.mask(), expected)
+
+
+@pytest.mark.parametrize(
+    ("rates", "threads"),
+    [({1: 100.0, 2: 50.0}, 1), ({1: 100.0, 2: 105.0}, 1), ({1: 100.0, 2: 170.0}, 0)],  # 0: every thread
+)
+def test_on_the_cpu_a_model_too_small_to_gain_from_every_core_runs_on_one(
+    engine: ModelEngine, monkeypatch: pytest.MonkeyPatch, rates: dict[int, float], threads: int
+) -> None:
+    """Timed at warm-up: the forward pass keeps the other threads only where they make it 1.1 times as fast."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen: list[int] = []
+
+    def rate(batch: int) -> float:
+        seen.append(torch.get_num_threads())
+        return rates[torch.get_num_threads()]
+
+    monkeypatch.setattr(engine.runner, "rate", rate)
+    try:
+        engine.warmup()
+        assert seen == [2, 1] and torch.get_num_threads() == 2  # timed both ways, the caller's count restored
+        assert engine.threads_per_stream == threads
+        ran_on: list[int] = []
+        forward = engine.model
+
+        def watched(x: torch.Tensor) -> torch.Tensor:
+            ran_on.append(torch.get_num_threads())
+            return forward(x)
+
+        engine.model = watched
+        engine.start()
+        assert engine.submit(torch.randn(1, 3, 8, 8)).result(10)[0].shape == (1, 2, 8, 8)
+        if threads == 1:
+            assert ran_on == [1]  # the worker ran it on one thread
+    finally:
+        engine.stop()
+        torch.set_num_threads(before)
