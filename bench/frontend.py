@@ -10,6 +10,10 @@ engine process and the front ends, user + system) over the measured seconds is d
 answered. The load generator runs in this process (its CPU is not counted). ``--code DIR`` runs the server
 from another checkout (e.g. a ``git worktree`` of an earlier commit, for a before/after comparison; one process
 there: ``--workers 1``). Results: a table and JSON.
+
+``--inprocess N`` measures the pipeline alone, without HTTP and steadier on a noisy machine: ``N`` requests one
+after another through ``app.pipeline.predict`` (decode, the engine, encode: its two hand-offs and its worker
+thread) on an engine in this process, as ``unetseg serve`` sets it up; this process's CPU per request.
 """
 
 from __future__ import annotations
@@ -90,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-side", type=int, default=512)
     ap.add_argument("--code", type=Path, default=ROOT, help="the checkout whose server is measured")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "frontend.json")
+    ap.add_argument("--inprocess", type=int, metavar="N", help="N requests through the pipeline, without HTTP")
     a = ap.parse_args(argv)
     image = jpeg(a.image_side)
+    if a.inprocess:
+        print(json.dumps(inprocess(image, a.inprocess)))
+        return 0
     report: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
@@ -127,6 +135,34 @@ def main(argv: list[str] | None = None) -> int:
     a.out.write_text(json.dumps(report, indent=2) + "\n")
     print(render(report))
     return 0
+
+
+def inprocess(image: bytes, n: int) -> dict[str, Any]:
+    """CPU milliseconds of this process per request through ``app.pipeline.predict``, one at a time."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as unetseg serve, before torch starts its threads
+    from app.engine import Engine
+    from app.pipeline import Ask, predict
+
+    async def run(count: int) -> None:
+        for _ in range(count):
+            await predict(engine, ask, image, 10**9)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = Engine.from_folder(near_free_bundle(Path(tmp)), torch.device("cpu"), precision="float32")
+        engine.start(warmup=True)
+        ask = Ask("free", "png", 0.5, 1)
+        try:
+            asyncio.run(run(max(10, n // 10)))
+            cpu, wall = time.process_time(), time.perf_counter()
+            asyncio.run(run(n))
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        finally:
+            engine.stop()
+    return {
+        "requests": n,
+        "cpu_ms_per_request": round(1000 * cpu / n, 3),
+        "wall_ms_per_request": round(1000 * wall / n, 3),
+    }
 
 
 def render(report: dict[str, Any]) -> str:
