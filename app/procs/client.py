@@ -116,7 +116,11 @@ class RemoteEngine:
         self._status: dict[str, Any] = {}
         self._connected = False
         self._was_ready = False
-        self._status_waiters: list[asyncio.Future[None]] = []  # confirm_ready's, answered by the next status
+        # Status questions sent and answers received on this connection (answered in order), and confirm_ready's
+        # waiters: each waits for the answer to its own question (or a later one), never an earlier, stale one.
+        self._status_asked = 0
+        self._status_answered = 0
+        self._status_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     # --- the models, as the routes and metrics see them -------------------------------------------
 
@@ -158,22 +162,30 @@ class RemoteEngine:
 
     async def confirm_ready(self, timeout_s: float = 4 * STATUS_S) -> None:
         """Before this front end says "still loading": ask the engine process now (not at the next poll) and
-        wait for its status, at most ``timeout_s``. The front ends' polls are not in step, so another front
+        wait for the answer, at most ``timeout_s``. The front ends' polls are not in step, so another front
         end may already have said ready, and a client sent on by that /readyz lands on any of them."""
         if self._was_ready or not self._connected or self._writer is None:
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if not self._status_waiters:  # one question in flight answers every request waiting for it
-            self._writer.write(encode({"op": "status"}))
-        self._status_waiters.append(waiter)
+        self._status_waiters.append((self._ask_status(self._writer), waiter))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(waiter, timeout_s)
 
-    def _answer_status_waiters(self) -> None:
-        waiters, self._status_waiters = self._status_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+    def _ask_status(self, writer: asyncio.StreamWriter) -> int:
+        """Send a status question; the count of answers that includes its own."""
+        writer.write(encode({"op": "status"}))
+        self._status_asked += 1
+        return self._status_asked
+
+    def _answer_status_waiters(self, everyone: bool = False) -> None:
+        keep = []
+        for target, waiter in self._status_waiters:
+            if everyone or self._status_answered >= target:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                keep.append((target, waiter))
+        self._status_waiters = keep
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -220,11 +232,13 @@ class RemoteEngine:
         }
         wanted = self.wanted_default
         self._default = wanted if wanted in self._models else str(hello["default_model"])
+        self._status_asked = self._status_answered = 0  # a new connection: its own questions and answers
         self._connected = True
         poller = asyncio.create_task(self._poll(writer))
         try:
             while (message := await receive(reader)) is not None:
                 if message.get("op") == "status":
+                    self._status_answered += 1
                     self._update(message)
                     if message.get("ready") and not self._was_ready:
                         self._was_ready = True
@@ -236,11 +250,11 @@ class RemoteEngine:
                     fut.set_result(message)
         finally:
             poller.cancel()
-            self._answer_status_waiters()
+            self._answer_status_waiters(everyone=True)
 
     async def _poll(self, writer: asyncio.StreamWriter) -> None:
         while True:
-            writer.write(encode({"op": "status"}))
+            self._ask_status(writer)
             await asyncio.sleep(STATUS_S)
 
     def _update(self, status: dict[str, Any]) -> None:
