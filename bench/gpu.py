@@ -10,7 +10,7 @@ to ready, and the sweep starts five) and its result, or why it failed, goes into
 
 1. the engine's tests on the device (``tests/app``: device, engine, batching, graph; CUDA tests skip without one);
 2. parity: every shipped model on ``--frames`` (a folder of images, e.g. a resized copy of the datasets made
-   by ``scripts/pack-datasets.py``; generated images without one) through the engine on the device in the
+   by ``scripts/pack_datasets.py``; generated images without one) through the engine on the device in the
    card's precision and on the CPU in float32: the share of pixels whose class agrees, per model;
 3. ``bench.run``: raw forward at batches up to 64, the service (its batch limit measured) against the naive
    server and LitServe at 1, 8, 64 and 128 clients;

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
+from tests.backends import s3_emulator
 from tests.helpers import write_tiny_bundle
 
 
@@ -53,3 +54,10 @@ def client(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as c:
         wait_ready(c)
         yield c
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """An S3 emulator on 127.0.0.1 for a test module's S3-backed stores (``tests.backends.s3_emulator``)."""
+    with s3_emulator() as endpoint:
+        yield endpoint

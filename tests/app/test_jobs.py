@@ -24,7 +24,7 @@ from app.config import Settings
 from app.main import create_app
 from app.procs.supervisor import Supervisor
 from model.bundle import InstanceSpec, SlideSpec
-from tests.backends import S3_ENV, new_bucket, postgres_database, s3_emulator
+from tests.backends import S3_ENV, new_bucket, postgres_database
 from tests.conftest import make_settings, wait_ready
 from tests.helpers import image_bytes, write_instance_bundle, write_tiny_bundle
 from tests.slides import cells, slide_bytes, write_slide
@@ -316,12 +316,6 @@ def test_cancel_a_running_slide_job(client: TestClient, tmp_path: Path) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert client.get(f"/v1/jobs/{job['id']}").json()["state"] == "cancelled"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with s3_emulator() as endpoint:
-        yield endpoint
 
 
 @pytest.mark.parametrize("backend", ["sqlite+files", "postgres+s3"])

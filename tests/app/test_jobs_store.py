@@ -18,7 +18,7 @@ from app.config import Settings
 from app.errors import Overloaded, StoreUnavailable
 from app.jobs.store import Job, JobFiles, JobStore, S3JobFiles, new_job_id, open_job_files, owner_gone, owner_token
 from app.store import UploadStore, open_store
-from tests.backends import S3_ENV, new_bucket, postgres_database, s3_emulator
+from tests.backends import S3_ENV, new_bucket, postgres_database
 
 BACKENDS = ["sqlite+local", "postgres+s3"]
 
@@ -29,12 +29,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with s3_emulator() as endpoint:
-        yield endpoint
 
 
 @contextmanager

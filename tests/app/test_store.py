@@ -29,7 +29,7 @@ from app.main import create_app
 from app.store import Rows, UploadStore, make_upload, open_store
 from app.store.files import FileBlobs
 from app.store.s3 import S3Blobs
-from tests.backends import S3_ENV, new_bucket, postgres_database, s3_emulator
+from tests.backends import S3_ENV, new_bucket, postgres_database
 from tests.conftest import make_settings, wait_ready
 from tests.helpers import image_bytes
 
@@ -57,12 +57,6 @@ class Backend:
         if clock is not None:
             store.clock = clock
         return store
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    with s3_emulator() as endpoint:
-        yield endpoint
 
 
 @pytest.fixture(params=BACKENDS)

@@ -5,7 +5,6 @@ its bytes and that no row names missing bytes."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -14,19 +13,13 @@ import pytest
 from app.config import Settings
 from app.store import open_store
 from app.store.files import FileBlobs
-from tests.backends import S3_ENV, new_bucket, postgres_database, s3_emulator
+from tests.backends import S3_ENV, new_bucket, postgres_database
 from tests.e2e.server import running_server, uploads_until_killed
 
 pytestmark = pytest.mark.e2e
 
 CLIENTS = 4
 KILL_AFTER = 16  # acknowledged uploads before the kill
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with s3_emulator() as endpoint:
-        yield endpoint
 
 
 @pytest.mark.parametrize("blobs", ["file", "s3"])
