@@ -38,10 +38,12 @@ def serve(argv: Sequence[str]) -> int:
         help="HTTP front-end processes sharing one engine process (default UNETSEG_WORKERS; 0: one per two cores "
         "on a CUDA host, at most 8; 1: one process)",
     )
-    p.add_argument("--ray", action="store_true", help="serve from Ray Serve replicas (needs the ray extra)")
-    p.add_argument("--replicas", type=int, default=1, help="with --ray: whole-app replicas")
+    p.add_argument("--ray", action="store_true", help="serve as a Ray Serve application (needs the ray extra)")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: HTTP front-end replicas (1 CPU each)")
+    p.add_argument("--engines", type=int, default=1, help="with --ray: engine replicas (the models, one per GPU)")
+    p.add_argument("--gpus-per-engine", type=float, default=0, help="with --ray: GPUs (or a fraction) per engine")
+    p.add_argument("--cpus-per-replica", type=float, default=1, help="with --ray: CPUs reserved per replica")
     p.add_argument("--ray-address", help="with --ray: join this cluster (default: RAY_ADDRESS, else start one)")
-    p.add_argument("--gpus-per-replica", type=float, default=0, help="with --ray: GPUs (or a fraction) each")
     args = p.parse_args(argv)
     overrides = {
         k: v
@@ -59,14 +61,22 @@ def serve(argv: Sequence[str]) -> int:
     # log is off and its other records go through the same handler.
     configure_logging(settings.log_format, settings.log_level)
     if args.ray:
-        if args.replicas < 1:
-            p.error("--replicas must be at least 1")
+        if args.replicas < 1 or args.engines < 1:
+            p.error("--replicas and --engines must be at least 1")
         try:
             from app.ray.launch import run
         except ImportError as exc:
             print(f"unetseg serve --ray needs the ray extra (pip install -e '.[ray]'): {exc}", file=sys.stderr)
             return 2
-        return run(settings, args.replicas, args.ray_address, args.gpus_per_replica, grace_s=args.grace)
+        return run(
+            settings,
+            args.replicas,
+            args.engines,
+            args.gpus_per_engine,
+            address=args.ray_address,
+            cpus_per_replica=args.cpus_per_replica,
+            grace_s=args.grace,
+        )
     if args.workers < 0:
         p.error("--workers must be at least 0")
     workers = args.workers

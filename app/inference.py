@@ -1,5 +1,6 @@
-"""What the service asks of inference, whether its models run in this process (``app.engine.Engine``) or in
-one engine process per device that several HTTP front ends share (``app.procs.client.RemoteEngine``).
+"""What the service asks of inference, whether its models run in this process (``app.engine.Engine``), in
+one engine process per device that several HTTP front ends share (``app.procs.client.RemoteEngine``), or in
+engine replicas of a Ray Serve application (``app.ray.frontend.RayEngine``).
 
 Plain Python: a front end imports no torch. The pipeline (``app.pipeline``), the routes and the metrics see
 only these protocols.
@@ -118,6 +119,20 @@ class Inference(Protocol):
     def release(self, prepared: Any) -> None:
         """Give back what the request held (once; later calls do nothing)."""
         ...
+
+
+class RemoteInference(Inference, Protocol):
+    """Inference in another process: a front end keeps in touch with it while the app runs."""
+
+    async def start(self, on_ready: Callable[[], None]) -> None:
+        """Keep in touch with the engine in a background task; ``on_ready`` once it first says it is warm."""
+        ...
+
+    async def confirm_ready(self) -> None:
+        """Ask the engine now whether it is ready (a front end about to answer "still loading" does)."""
+        ...
+
+    async def stop(self) -> None: ...
 
 
 async def wait_for(

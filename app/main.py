@@ -4,9 +4,10 @@ Start-up validates and loads every bundle (a bad bundle stops the start with a m
 and field), opens the upload store, then moves the models to the device and warms them up in a
 background thread: ``/healthz`` answers at once, ``/readyz`` turns 200 when the models are warm.
 
-With ``UNETSEG_ENGINE_SOCKET`` (set by ``unetseg serve --workers N`` for its front ends) the models live in
-the engine process behind that socket instead, and this process loads no torch: it reads, decodes and
-encodes, and ``/readyz`` turns 200 once the engine process answers that its models are warm.
+With ``UNETSEG_ENGINE_SOCKET`` (set by ``unetseg serve --workers N`` for its front ends), or a
+``remote_engine`` (the Ray front-end replicas' handle to the engine replicas), the models live in another
+process instead, and this process loads no torch: it reads, decodes and encodes, and ``/readyz`` turns 200
+once the engine answers that its models are warm.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import concurrent.futures
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,7 @@ from fastapi.routing import APIRoute
 from app.config import Settings
 from app.deps import require_api_key
 from app.errors import ServiceError
+from app.inference import RemoteInference
 from app.jobs.runner import JobMetrics, job_lifespan
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, RouteTemplates
@@ -111,7 +113,7 @@ def _start_engine(state: AppState) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.unetseg
     s = state.settings
-    if s.engine_socket:
+    if s.engine_socket or state.remote_engine is not None:
         async with _remote(app):
             yield
         return
@@ -136,13 +138,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 @asynccontextmanager
 async def _remote(app: FastAPI) -> AsyncIterator[None]:
-    """A front end's lifespan: the engine process's client (ready once that process says its models are warm),
-    the store, the I/O threads and the jobs (run only by the front end the supervisor lets run them)."""
+    """A front end's lifespan: the engine's client (ready once the engine says its models are warm), the store,
+    the I/O threads and the jobs (with --workers, run only by the front end the supervisor lets run them)."""
     from app.procs.client import RemoteEngine
 
     state: AppState = app.state.unetseg
     s = state.settings
-    engine = RemoteEngine(s.engine_socket, s.default_model)
+    engine: RemoteInference
+    if state.remote_engine is not None:
+        engine = state.remote_engine(s)
+    else:
+        engine = RemoteEngine(s.engine_socket, s.default_model)
     state.engine = engine
     state.confirm_ready = engine.confirm_ready
     state.store = open_store(s)
@@ -197,7 +203,11 @@ async def single_valued_query(request: Request) -> None:
         raise RequestValidationError(errors)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, remote_engine: Callable[[Settings], RemoteInference] | None = None
+) -> FastAPI:
+    """The service. Its models are loaded in this process, or with ``UNETSEG_ENGINE_SOCKET`` or ``remote_engine``
+    (a factory of the engine's client, made in the lifespan) they live elsewhere."""
     settings = settings or Settings()
     app = FastAPI(
         title="unetseg",
@@ -209,7 +219,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         generate_unique_id_function=lambda route: route.name,  # operation ids (client functions) are route names
         dependencies=[Depends(single_valued_query)],
     )
-    state = AppState(settings=settings)
+    state = AppState(settings=settings, remote_engine=remote_engine)
     app.state.unetseg = state
     app.state.metrics = metrics = Metrics(state)
     app.state.job_metrics = JobMetrics(metrics.registry, app)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from app.config import Settings
 from app.errors import NotReady
-from app.inference import Inference
+from app.inference import Inference, RemoteInference
 from app.store import UploadStore
 from app.store.gate import StoreGate
 
@@ -25,6 +25,8 @@ class AppState:
     error: str | None = None  # why start-up failed, for /readyz
     # With --workers: ask the engine process whether it is ready now, rather than at the next poll.
     confirm_ready: Callable[[], Awaitable[None]] | None = None
+    # A front end whose engine is elsewhere other than behind UNETSEG_ENGINE_SOCKET (Ray's engine replicas).
+    remote_engine: Callable[[Settings], RemoteInference] | None = None
 
     def gate(self) -> StoreGate:
         """The store's threads; 503 before the store is open."""

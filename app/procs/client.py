@@ -103,26 +103,26 @@ class RemotePrepared:
         return [a for a in (self.image, self.mask, self.ids) if a is not None]
 
 
-class RemoteEngine:
-    def __init__(self, socket_path: str, default_model: str | None = None) -> None:
-        self.socket_path = socket_path
+def model_input(card: Card, image: np.ndarray) -> np.ndarray:
+    """What crosses to the engine for ``image``: a "resize" model's input resized here (only size x size x C
+    bytes cross), a tiled model's whole image in its channels (cut into tiles there)."""
+    policy = card.input
+    return resize_image(image, policy) if policy.sizing == "resize" else as_hwc(image, policy)
+
+
+class EngineView:
+    """An engine in other processes as the routes and metrics see it: its models (from its hello) and their live
+    numbers (from its last status). Subclasses keep in touch with it and carry the requests."""
+
+    NOT_ANSWERING = "the engine process is not answering"
+
+    def __init__(self, default_model: str | None = None) -> None:
         self.wanted_default = default_model
         self._models: dict[str, RemoteModel] = {}
         self._default = ""
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._ids = itertools.count(1)
-        self._writer: asyncio.StreamWriter | None = None
-        self._task: asyncio.Task[None] | None = None
         self._status: dict[str, Any] = {}
         self._connected = False
         self._was_ready = False
-        # Status questions sent and answers received on this connection (answered in order), and confirm_ready's
-        # waiters: each waits for the answer to its own question (or a later one), never an earlier, stale one.
-        self._status_asked = 0
-        self._status_answered = 0
-        self._status_waiters: list[tuple[int, asyncio.Future[None]]] = []
-
-    # --- the models, as the routes and metrics see them -------------------------------------------
 
     @property
     def default_model(self) -> str:
@@ -140,19 +140,60 @@ class RemoteEngine:
             raise UnknownModel(f"unknown model {key!r}; available: {', '.join(sorted(self._models))}") from None
 
     def failure(self) -> str | None:
-        """Why the engine process does not serve (None while it does, or is still starting the first time)."""
+        """Why the engine does not serve (None while it does, or is still starting the first time)."""
         if self._status.get("failure"):
             return str(self._status["failure"])
         if not self._was_ready:
             return None  # loading: /readyz says so until the first status that says ready
         if not self._connected:
-            return "the engine process is not answering"
+            return self.NOT_ANSWERING
         if not self._status.get("ready"):
-            return "the engine process is loading its models again"
+            return "the engine is loading its models again"
         return None
 
     def gpu_memory(self) -> dict[str, tuple[int, int]]:
         return {k: (int(v[0]), int(v[1])) for k, v in self._status.get("gpu", {}).items()}
+
+    def _hello(self, hello: Mapping[str, Any]) -> None:
+        self._models = {
+            m.name: m
+            for m in (
+                RemoteModel(card_from_dict(d["card"]), d["device"], d["precision"], d["graph"], int(d["max_batch"]))
+                for d in hello["models"]
+            )
+        }
+        wanted = self.wanted_default
+        self._default = wanted if wanted in self._models else str(hello["default_model"])
+
+    def _update(self, status: dict[str, Any], on_ready: Callable[[], None]) -> None:
+        self._status = status
+        for name, live in status.get("models", {}).items():
+            m = self._models.get(name)
+            if m is not None:
+                m.queue_depth = int(live["queue_depth"])
+                m.rejected = int(live["rejected"])
+                m.load_s = float(live["load_s"])
+                m.graph = str(live["graph"])
+                m.max_batch = int(live["max_batch"])
+                m.batches = {int(k): int(v) for k, v in live["batches"].items()}
+        if status.get("ready") and not self._was_ready:
+            self._was_ready = True
+            on_ready()
+
+
+class RemoteEngine(EngineView):
+    def __init__(self, socket_path: str, default_model: str | None = None) -> None:
+        super().__init__(default_model)
+        self.socket_path = socket_path
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+        # Status questions sent and answers received on this connection (answered in order), and confirm_ready's
+        # waiters: each waits for the answer to its own question (or a later one), never an earlier, stale one.
+        self._status_asked = 0
+        self._status_answered = 0
+        self._status_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     # --- the connection ---------------------------------------------------------------------------
 
@@ -223,15 +264,7 @@ class RemoteEngine:
         hello = await receive(reader)
         if hello is None:
             return
-        self._models = {
-            m.name: m
-            for m in (
-                RemoteModel(card_from_dict(d["card"]), d["device"], d["precision"], d["graph"], int(d["max_batch"]))
-                for d in hello["models"]
-            )
-        }
-        wanted = self.wanted_default
-        self._default = wanted if wanted in self._models else str(hello["default_model"])
+        self._hello(hello)
         self._status_asked = self._status_answered = 0  # a new connection: its own questions and answers
         self._connected = True
         poller = asyncio.create_task(self._poll(writer))
@@ -239,10 +272,7 @@ class RemoteEngine:
             while (message := await receive(reader)) is not None:
                 if message.get("op") == "status":
                     self._status_answered += 1
-                    self._update(message)
-                    if message.get("ready") and not self._was_ready:
-                        self._was_ready = True
-                        on_ready()
+                    self._update(message, on_ready)
                     self._answer_status_waiters()
                     continue
                 fut = self._pending.pop(int(message.get("id", -1)), None)
@@ -257,18 +287,6 @@ class RemoteEngine:
             self._ask_status(writer)
             await asyncio.sleep(STATUS_S)
 
-    def _update(self, status: dict[str, Any]) -> None:
-        self._status = status
-        for name, live in status.get("models", {}).items():
-            m = self._models.get(name)
-            if m is not None:
-                m.queue_depth = int(live["queue_depth"])
-                m.rejected = int(live["rejected"])
-                m.load_s = float(live["load_s"])
-                m.graph = str(live["graph"])
-                m.max_batch = int(live["max_batch"])
-                m.batches = {int(k): int(v) for k, v in live["batches"].items()}
-
     # --- the three steps of a request ----------------------------------------------------------------
 
     def prepare(
@@ -282,9 +300,8 @@ class RemoteEngine:
         """(an I/O thread) The model's input in shared memory (resized here for a "resize" model), and the
         shared arrays the answer will be written to."""
         card = self.get(name).card
-        policy = card.input
         h, w = size or image.shape[:2]
-        pixels = resize_image(image, policy) if policy.sizing == "resize" else as_hwc(image, policy)
+        pixels = model_input(card, image)
         spec = card.instances if instances else None
         made: list[SharedArray] = []
         try:
@@ -314,7 +331,7 @@ class RemoteEngine:
             raise ClientGone("the client closed the connection before its prediction started")
         writer = self._writer
         if writer is None or not self._connected:
-            raise NotReady(self.failure() or "the engine process is not answering")
+            raise NotReady(self.failure() or self.NOT_ANSWERING)
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut

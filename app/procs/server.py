@@ -28,6 +28,7 @@ import numpy as np
 from app.config import Settings
 from app.engine import Engine
 from app.errors import ServiceError
+from app.inference import Timing
 from app.logs import configure_logging
 from app.main import io_pool, local_engine
 from app.procs.protocol import SharedArray, encode, receive
@@ -35,7 +36,11 @@ from app.procs.protocol import SharedArray, encode, receive
 log = logging.getLogger("unetseg.engine")
 
 
-class EngineServer:
+class EngineHost:
+    """The engine as a service to front ends in other processes, whatever carries their messages (this
+    module's Unix socket, or Ray Serve's handles in ``app.ray.engine``): warm-up, hello, status, and a
+    request's work from its model input to its mask."""
+
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self.engine = engine
         self.settings = settings
@@ -88,6 +93,49 @@ class EngineServer:
             "gpu": {k: list(v) for k, v in self.engine.gpu_memory().items()},
         }
 
+    async def predict(
+        self,
+        model: str,
+        image: np.ndarray,
+        size: tuple[int, int],
+        instances: bool,
+        extra_bytes: int,
+        background: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray | None, Timing]:
+        """The (H, W) class map, the instance ids when asked for, and the timing, for ``image`` (what
+        ``app.procs.client.model_input`` made of the request's image). A ServiceError is the request's answer."""
+        loop = asyncio.get_running_loop()
+        prepare = self.engine.prepare
+        prepared = await loop.run_in_executor(self.pool, prepare, model, image, size, instances, extra_bytes)
+        try:
+            timing = await self.engine.run(prepared, background=background)
+            classes, found = await loop.run_in_executor(self.pool, self.engine.finish, prepared)
+        finally:
+            self.engine.release(prepared)
+            del prepared  # its views of the input go before the caller lets go of it
+        return classes, found, timing
+
+    def stop(self) -> None:
+        """Finish what is queued, then stop the engine and its threads."""
+        self.engine.stop()
+        self.pool.shutdown(wait=True)
+
+
+def error_reply(exc: Exception, what: str) -> dict[str, Any]:
+    """The answer to a request that failed: a ServiceError's status, detail and headers; anything else (a
+    malformed message, a vanished array, a bug) that request's 500, logged."""
+    if isinstance(exc, ServiceError):
+        return {"error": {"status": exc.status_code, "detail": exc.detail, "headers": exc.headers}}
+    log.error("%s failed", what, exc_info=exc)
+    return {"error": {"status": 500, "detail": f"inference failed: {type(exc).__name__}: {exc}"}}
+
+
+class EngineServer:
+    """The engine process's Unix socket: one connection per front end."""
+
+    def __init__(self, host: EngineHost) -> None:
+        self.host = host
+
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One front end: its messages, and the tasks of its requests (cancelled when it goes away)."""
         tasks: dict[int, asyncio.Task[None]] = {}
@@ -103,9 +151,9 @@ class EngineServer:
                     if running is not None:
                         running.cancel()
                 elif op == "hello":
-                    writer.write(encode({"op": "hello", **self.hello()}))
+                    writer.write(encode({"op": "hello", **self.host.hello()}))
                 elif op == "status":
-                    writer.write(encode({"op": "status", **self.status()}))
+                    writer.write(encode({"op": "status", **self.host.status()}))
         finally:
             for task in list(tasks.values()):
                 task.cancel()
@@ -113,7 +161,6 @@ class EngineServer:
 
     async def run(self, message: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         rid = int(message["id"])
-        loop = asyncio.get_running_loop()
         arrays: list[SharedArray] = []
         reply: dict[str, Any]
         try:
@@ -125,23 +172,20 @@ class EngineServer:
             if ids is not None:
                 arrays.append(ids)
             assert image.array is not None and mask.array is not None
-            args = (message["model"], image.array, (h, w), bool(message["instances"]), int(message["extra_bytes"]))
-            prepared = await loop.run_in_executor(self.pool, self.engine.prepare, *args)
-            try:
-                timing = await self.engine.run(prepared, background=bool(message.get("background")))
-                classes, found = await loop.run_in_executor(self.pool, self.engine.finish, prepared)
-                mask.array[:] = classes
-                if ids is not None and ids.array is not None and found is not None:
-                    ids.array[:] = found
-            finally:
-                self.engine.release(prepared)
-                del prepared  # its views of the shared input go before the mapping is closed
+            classes, found, timing = await self.host.predict(
+                message["model"],
+                image.array,
+                (h, w),
+                bool(message["instances"]),
+                int(message["extra_bytes"]),
+                bool(message.get("background")),
+            )
+            mask.array[:] = classes
+            if ids is not None and ids.array is not None and found is not None:
+                ids.array[:] = found
             reply = {"timing": [timing.queue_s, timing.model_s, timing.post_s]}
-        except ServiceError as exc:
-            reply = {"error": {"status": exc.status_code, "detail": exc.detail, "headers": exc.headers}}
-        except Exception as exc:  # a malformed message, a vanished array, a bug: that request's 500, logged
-            log.exception("request %d from a front end failed", rid)
-            reply = {"error": {"status": 500, "detail": f"inference failed: {type(exc).__name__}: {exc}"}}
+        except Exception as exc:  # noqa: BLE001  (error_reply logs what is not a ServiceError)
+            reply = error_reply(exc, f"request {rid} from a front end")
         finally:
             for array in arrays:
                 array.close()
@@ -150,9 +194,9 @@ class EngineServer:
 
 
 async def serve(settings: Settings, socket_path: Path) -> int:
-    engine = local_engine(settings)
-    server = EngineServer(engine, settings)
-    threading.Thread(target=server.start_models, name="engine-warmup", daemon=True).start()
+    host = EngineHost(local_engine(settings), settings)
+    server = EngineServer(host)
+    threading.Thread(target=host.start_models, name="engine-warmup", daemon=True).start()
     socket_path.unlink(missing_ok=True)
     listener = await asyncio.start_unix_server(server.connection, path=str(socket_path))
     stop = asyncio.Event()
@@ -163,8 +207,7 @@ async def serve(settings: Settings, socket_path: Path) -> int:
     await stop.wait()
     listener.close()
     # What the front ends still wait for finishes; they are stopped first by the supervisor.
-    await loop.run_in_executor(None, engine.stop)
-    server.pool.shutdown(wait=True)
+    await loop.run_in_executor(None, host.stop)
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()
     return 0

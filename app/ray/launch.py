@@ -1,8 +1,8 @@
-"""``unetseg serve --ray``: run the service as a Ray Serve application until SIGTERM.
+"""``unetseg serve --ray``: run the service as Ray Serve applications (front ends, engines) until SIGTERM.
 
 Without an address (``--ray-address`` or ``RAY_ADDRESS``) a Ray instance of this machine's cores is
 started for the command and stopped with it; with one, the command joins that cluster and, on SIGTERM,
-deletes only its own application (and Serve, when no other application is left), leaving the cluster up.
+deletes only its own applications (and Serve, when no other application is left), leaving the cluster up.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import ray
 from ray import serve
 
 from app.config import Settings
-from app.ray.deployment import APP_NAME, application, settings_overrides
+from app.ray.deployment import APP_NAME, ENGINE_APP, applications, settings_overrides
 
 log = logging.getLogger("unetseg")
 
@@ -43,12 +43,14 @@ def start_ray(address: str | None, attempts: int = 2) -> None:
 def run(
     settings: Settings,
     replicas: int,
+    engines: int = 1,
+    gpus_per_engine: float = 0,
     address: str | None = None,
-    gpus_per_replica: float = 0,
     cpus_per_replica: float = 1,
     grace_s: float = 30.0,
 ) -> int:
-    """Serve ``replicas`` whole-app replicas on ``settings.host:settings.port``; returns 0 after SIGTERM/SIGINT.
+    """Serve ``replicas`` front ends and ``engines`` engine replicas on ``settings.host:settings.port``; returns 0
+    after SIGTERM/SIGINT.
 
     Each replica finishes its in-flight requests (for up to ``grace_s``) before it stops; then the Serve
     application and the Ray processes this command started are shut down.
@@ -66,25 +68,27 @@ def run(
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(
-            application(settings_overrides(settings), replicas, gpus_per_replica, cpus_per_replica, grace_s),
-            name=APP_NAME,
-            route_prefix="/",
-        )
+        fields = settings_overrides(settings)
+        engine, frontend = applications(fields, replicas, engines, gpus_per_engine, cpus_per_replica, grace_s)
+        serve.run(engine, name=ENGINE_APP, route_prefix=None)
+        serve.run(frontend, name=APP_NAME, route_prefix="/")
         log.info(
-            "serving on http://%s:%d: %d replica(s) on Ray %s (%s)",
+            "serving on http://%s:%d: %d front end(s), %d engine(s) on Ray %s (%s)",
             settings.host,
             settings.port,
             replicas,
+            engines,
             ray.__version__,
             f"cluster at {address}" if address else "a local instance",
         )
         while not stop.wait(0.5):
             pass
     finally:
-        # Deleting the application first lets each replica finish its requests (the proxy stays up to carry
-        # their responses); serve.shutdown() alone stops the proxies at once and cuts requests off mid-body.
+        # Deleting the applications first lets each front end finish its requests (the proxy stays up to carry
+        # their responses, the engines to answer them); serve.shutdown() alone stops the proxies at once and
+        # cuts requests off mid-body.
         serve.delete(APP_NAME)
+        serve.delete(ENGINE_APP)
         if not address or not serve.status().applications:
             serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()

@@ -1,4 +1,5 @@
-"""deploy/serve.yaml is a valid Serve config whose import path builds the service's application."""
+"""deploy/serve.yaml is a valid Serve config whose import paths build the service's two applications: the
+engines and the front ends."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ray.serve._private.utils import import_attr  # the loader `serve run` and `
 from ray.serve.schema import ServeDeploySchema
 
 from app.config import Settings
-from app.ray.deployment import DEPLOYMENT_NAME, build
+from app.ray.deployment import APP_NAME, DEPLOYMENT_NAME, ENGINE_APP, ENGINE_NAME, build, build_engine
 
 pytestmark = pytest.mark.ray
 
@@ -33,28 +34,34 @@ def config() -> dict[str, Any]:
 
 def test_the_config_validates_and_sets_replicas_gpus_and_autoscaling() -> None:
     schema = ServeDeploySchema.model_validate(config())
-    (application,) = schema.applications
-    (deployment,) = application.deployments
-    assert deployment.name == DEPLOYMENT_NAME
-    auto = deployment.autoscaling_config
+    engines, frontends = schema.applications
+    assert (engines.name, engines.route_prefix) == (ENGINE_APP, None)  # no HTTP route: front ends call it
+    assert (frontends.name, frontends.route_prefix) == (APP_NAME, "/")
+    (engine,) = engines.deployments
+    assert engine.name == ENGINE_NAME
+    assert engine.num_replicas == 1
+    (frontend,) = frontends.deployments
+    assert frontend.name == DEPLOYMENT_NAME
+    auto = frontend.autoscaling_config
     assert isinstance(auto, dict)
     assert {"min_replicas", "max_replicas", "target_ongoing_requests"} <= set(auto)
-    assert deployment.ray_actor_options.num_gpus == 0  # type: ignore[union-attr]
-    # What one replica reserves: a 2-core machine must fit more than one (it asked 2 cores, so fitted one).
-    assert deployment.ray_actor_options.num_cpus <= 1  # type: ignore[union-attr]
-    assert deployment.backpressure_config.retry_after_s is not None  # type: ignore[union-attr]
+    assert frontend.backpressure_config.retry_after_s is not None  # type: ignore[union-attr]
+    for deployment in (engine, frontend):
+        assert deployment.ray_actor_options.num_gpus in (0, None)  # type: ignore[union-attr]
+        # What one replica reserves: a 2-core machine must fit an engine and a front end.
+        assert deployment.ray_actor_options.num_cpus <= 1  # type: ignore[union-attr]
 
 
-def test_the_import_path_builds_the_application_with_the_settings_given() -> None:
-    (application,) = config()["applications"]
-    builder = import_attr(application["import_path"])
-    assert builder is build
-    app = builder(application["args"])
-    bound = app._bound_deployment
-    assert bound.name == DEPLOYMENT_NAME
-    given = application["args"]["settings"]
-    settings = Settings(**bound.init_args[0])
-    assert settings.model_dump(include=set(given)) == given
+def test_the_import_paths_build_the_applications_with_the_same_settings() -> None:
+    engines, frontends = config()["applications"]
+    for application, builder, name in ((engines, build_engine, ENGINE_NAME), (frontends, build, DEPLOYMENT_NAME)):
+        assert import_attr(application["import_path"]) is builder
+        bound = builder(application["args"])._bound_deployment
+        assert bound.name == name
+        given = application["args"]["settings"]
+        settings = Settings(**bound.init_args[0])
+        assert settings.model_dump(include=set(given)) == given
+    assert engines["args"] == frontends["args"]
 
 
 def test_the_config_as_shipped_serves_the_shipped_bundles_from_any_folder(
@@ -63,14 +70,15 @@ def test_the_config_as_shipped_serves_the_shipped_bundles_from_any_folder(
     """`serve run deploy/serve.yaml` as the README gives it: each replica builds its Settings from the
     config's in its own working folder, and must find bundles there (it once named /srv/unetseg/weights,
     which did not exist)."""
-    (application,) = config()["applications"]
+    application = config()["applications"][0]
     monkeypatch.chdir(tmp_path)
-    settings = Settings(**build(application["args"])._bound_deployment.init_args[0])
+    settings = Settings(**build_engine(application["args"])._bound_deployment.init_args[0])
     assert sorted(p.name for p in settings.weights_dir.glob("*/card.json")) != []
     for value in application["args"]["settings"].values():  # no path that only exists on some machine
         assert not str(value).startswith("/")
 
 
 def test_unknown_settings_are_refused() -> None:
-    with pytest.raises(ValueError, match="weights_folder"):
-        build({"settings": {"weights_folder": "/w"}})
+    for builder in (build, build_engine):
+        with pytest.raises(ValueError, match="weights_folder"):
+            builder({"settings": {"weights_folder": "/w"}})

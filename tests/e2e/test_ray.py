@@ -1,19 +1,23 @@
-"""``unetseg serve --ray --replicas 2`` for real: a local Ray instance on this machine, two whole-app replicas.
+"""``unetseg serve --ray --replicas 2`` for real: a local Ray instance on this machine, two front-end
+replicas and one engine replica (half a core reserved each, so that a replacement fits on two cores).
 
 One server for the module (Ray takes half a minute to start on two cores); the tests run in file order and
 the last one stops it:
-- both replicas answer (``X-Served-By``), and the masks are the one-process service's, byte for byte;
-- an upload stored through one replica is predicted by id on the other (they share a store: metadata in a
+- both front ends answer (``X-Served-By``), and the masks are the one-process service's, byte for byte;
+- an upload stored through one front end is predicted by id on the other (they share a store: metadata in a
   throwaway PostgreSQL database, bytes under a file:// URL, as replicas on several machines would);
-- a replica's process killed with SIGKILL: the service keeps answering and Serve starts a new replica;
-- SIGTERM with a request in flight (its body still arriving): it gets its 200, the command exits 0, and
-  no process it started (Ray's included) is left.
+- a front end's process killed with SIGKILL: the service keeps answering and Serve starts a new one;
+- the engine replica's process killed with SIGKILL: every request meanwhile is a 200 or a 503 with
+  ``Retry-After`` (none hangs, none is a 500), and a new engine replica serves within two minutes;
+- SIGTERM with a request in flight (its body still arriving): it gets its 200 (the engine stops after the
+  front ends), the command exits 0, and no process it started (Ray's included) is left.
 
 Skipped without the ray extra, except under CI (``CI=true``), where a missing extra is a failure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -136,6 +140,8 @@ def server(weights: Path, shared_store: dict[str, str]) -> Iterator[RayServer]:
                 "--ray",
                 "--replicas",
                 "2",
+                "--cpus-per-replica",
+                "0.5",
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -266,6 +272,39 @@ def test_a_killed_replica_is_replaced_and_the_service_keeps_answering(server: Ra
     assert statuses.count(200) == len(statuses), statuses  # the survivor took every request meanwhile
     assert victim not in answered_by
     assert len(answered_by - replicas) == 1, "no new replica answered within 120 s"
+    server.pids |= descendants(server.proc.pid)
+
+
+def engine_replicas(server: RayServer) -> set[int]:
+    """Pids of the engine deployment's replicas (Ray names an actor's process after it)."""
+    found = set()
+    for pid in descendants(server.proc.pid):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ServeReplica:unetseg-engine"):
+                found.add(pid)
+    return found
+
+
+def test_a_killed_engine_replica_is_a_503_until_serve_replaces_it(server: RayServer) -> None:
+    img = image_bytes(64, 48, seed=8)
+    (victim,) = engine_replicas(server)
+    os.kill(victim, signal.SIGKILL)
+    answers: list[tuple[int, str | None]] = []
+    deadline = time.monotonic() + 120
+    with httpx.Client(timeout=30) as client:
+        while time.monotonic() < deadline:
+            got = client.post(f"{server.base}/v1/predict", files={"file": ("a.png", img, "image/png")})
+            answers.append((got.status_code, got.headers.get("Retry-After")))
+            if got.status_code == 200 and any(status == 503 for status, _ in answers):
+                break
+            time.sleep(0.1)
+        # Each front end hears from the engines every half second: within a few, every one says ready again.
+        ready = [client.get(f"{server.base}/readyz").status_code for _ in range(60) if time.sleep(0.1) is None]
+    assert set(answers) <= {(200, None), (503, "1")}, answers
+    assert (503, "1") in answers, "no request saw the engine gone"
+    assert answers[-1] == (200, None), "no new engine replica answered within 120 s"
+    assert ready[-20:] == [200] * 20, ready
+    assert engine_replicas(server) - {victim}
     server.pids |= descendants(server.proc.pid)
 
 
