@@ -6,15 +6,16 @@ For each model (``tiny``: a base-width-4, depth-2 U-Net at 256 px, whose forward
 front end (HTTP, multipart, decode, encode) is what is measured; ``polyp``: the shipped bundle) it starts,
 one at a time and each alone on the machine:
 1. ``unetseg serve`` (one process);
-2. ``unetseg serve --ray --replicas 1``;
-3. ``unetseg serve --ray --replicas 2``;
+2. ``unetseg serve --ray --replicas 1`` (one front end, one engine replica);
+3. ``unetseg serve --ray --replicas 2`` (two front ends, one engine replica);
 4. the same with ``RAY_SERVE_ENABLE_HA_PROXY=1`` (Serve's HAProxy ingress instead of its Python proxy);
 and measures a 512x512 JPEG prediction at ``--clients`` concurrent keep-alive clients (images/s, p50, p99)
 and at one client, plus ``GET /healthz`` at one client (the per-request cost of the path alone: for Ray,
-the proxy's extra hop). Reported: 2 replicas / 1 replica, Ray 1 replica / one process, and the added
-milliseconds per request. Every server gets the same settings (``UNETSEG_STREAMS=1``, torch threads = the
-replica's CPUs), so a replica is a process of the same shape as the one-process service. Last, what a
-handle call carrying a decoded image costs (the hop a split ingress/model design adds to each request).
+the proxy's extra hop). Reported: 2 front ends / 1, Ray with 1 front end / one process, and the added
+milliseconds per request. Every server gets the same settings (``UNETSEG_STREAMS=1``, torch threads =
+``--cpus-per-replica``); each Ray replica reserves half a core, so that two front ends and an engine fit a
+2-core machine. Last, what a bare handle call carrying a decoded image costs (the hop from a front end to
+an engine replica).
 """
 
 from __future__ import annotations
@@ -113,8 +114,8 @@ def measure(port: int, image: bytes, model: str, clients: int, seconds: float) -
 
 
 def handle_hop(seconds: float) -> dict[str, Any]:
-    """What a split design (CPU ingress replicas calling one model deployment through a handle) adds per
-    request: a handle call carrying a decoded 512x512 RGB image (uint8) and returning a mask of its size,
+    """What the split adds per request, bare (front-end replicas calling an engine replica through a handle):
+    a handle call carrying a decoded 512x512 RGB image (uint8) and returning a mask of its size,
     against a call carrying nothing, at 1 and 8 calls in flight, on a local Ray instance."""
     import numpy as np
     import ray
@@ -190,12 +191,13 @@ def main(argv: list[str] | None = None) -> int:
                 "RAY_USAGE_STATS_ENABLED": "0",
             }
             rows: dict[str, Any] = {}
+            ray = ["--ray", "--cpus-per-replica", "0.5", "--replicas"]
             for name, extra, extra_env in [
                 ("one process", [], {}),
-                ("ray, 1 replica", ["--ray", "--replicas", "1"], {}),
-                ("ray, 2 replicas", ["--ray", "--replicas", "2"], {}),
+                ("ray, 1 front end", [*ray, "1"], {}),
+                ("ray, 2 front ends", [*ray, "2"], {}),
                 # Serve's HAProxy ingress in place of its Python proxy (a feature flag in 2.60).
-                ("ray, 2 replicas, HAProxy", ["--ray", "--replicas", "2"], {"RAY_SERVE_ENABLE_HA_PROXY": "1"}),
+                ("ray, 2 front ends, HAProxy", [*ray, "2"], {"RAY_SERVE_ENABLE_HA_PROXY": "1"}),
             ]:
                 if "HAProxy" in name and args.no_haproxy:
                     continue
@@ -210,11 +212,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(model, name, json.dumps(rows[name]), flush=True)
                 results["models"][model] = rows
                 save(args.out, results)  # a run cut short keeps what it measured
-            one, r1, r2 = (rows[k] for k in ("one process", "ray, 1 replica", "ray, 2 replicas"))
+            one, r1, r2 = (rows[k] for k in ("one process", "ray, 1 front end", "ray, 2 front ends"))
             rows["ratios"] = {
-                "2 replicas / 1 replica": round(r2["predict"]["images_per_s"] / r1["predict"]["images_per_s"], 2),
-                "ray 1 replica / one process": round(r1["predict"]["images_per_s"] / one["predict"]["images_per_s"], 2),
-                "ray 2 replicas / one process": round(
+                "2 front ends / 1": round(r2["predict"]["images_per_s"] / r1["predict"]["images_per_s"], 2),
+                "ray 1 front end / one process": round(
+                    r1["predict"]["images_per_s"] / one["predict"]["images_per_s"], 2
+                ),
+                "ray 2 front ends / one process": round(
                     r2["predict"]["images_per_s"] / one["predict"]["images_per_s"], 2
                 ),
                 "added ms per request, healthz p50": round(r1["healthz_1"]["p50_ms"] - one["healthz_1"]["p50_ms"], 1),

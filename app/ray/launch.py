@@ -40,6 +40,15 @@ def start_ray(address: str | None, attempts: int = 2) -> None:
             ray.shutdown()
 
 
+def why_failed(app: str) -> str:
+    """The error that failed the deployments of ``app`` (a replica's exception, e.g. a bad bundle): the last
+    line of what Serve says, which ends with the replica's traceback."""
+    status = serve.status().applications.get(app)
+    said = [d.message for d in status.deployments.values() if d.message] if status is not None else []
+    lines = [line for message in said for line in message.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no reason given"
+
+
 def run(
     settings: Settings,
     replicas: int,
@@ -70,8 +79,12 @@ def run(
         serve.start(http_options={"host": settings.host, "port": settings.port})
         fields = settings_overrides(settings)
         engine, frontend = applications(fields, replicas, engines, gpus_per_engine, cpus_per_replica, grace_s)
-        serve.run(engine, name=ENGINE_APP, route_prefix=None)
-        serve.run(frontend, name=APP_NAME, route_prefix="/")
+        for app, name, prefix in ((engine, ENGINE_APP, None), (frontend, APP_NAME, "/")):
+            try:
+                serve.run(app, name=name, route_prefix=prefix)
+            except RuntimeError as exc:  # Serve's "Deploying application ... failed": say why, without a traceback
+                log.error("%s (%s)", why_failed(name), exc)
+                return 1
         log.info(
             "serving on http://%s:%d: %d front end(s), %d engine(s) on Ray %s (%s)",
             settings.host,

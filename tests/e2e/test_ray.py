@@ -1,8 +1,9 @@
 """``unetseg serve --ray --replicas 2`` for real: a local Ray instance on this machine, two front-end
 replicas and one engine replica (half a core reserved each, so that a replacement fits on two cores).
 
-One server for the module (Ray takes half a minute to start on two cores); the tests run in file order and
-the last one stops it:
+First, a bad bundle: the engine replica's start fails, and the command exits 1 with the bundle's error in
+one line. Then one server for the module (Ray takes half a minute to start on two cores); the tests run in
+file order and the last one stops it:
 - both front ends answer (``X-Served-By``), and the masks are the one-process service's, byte for byte;
 - an upload stored through one front end is predicted by id on the other (they share a store: metadata in a
   throwaway PostgreSQL database, bytes under a file:// URL, as replicas on several machines would);
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,6 +187,21 @@ def one_process(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     with TestClient(create_app(settings)) as client:
         wait_ready(client)
         yield client
+
+
+def test_a_bad_bundle_fails_the_start_with_its_error_in_one_line(weights: Path) -> None:
+    bad = weights.parent / "bad-weights"
+    shutil.copytree(weights, bad)
+    card = json.loads((bad / "tiny" / "card.json").read_text())
+    card["input"]["std"] = [0.0] * len(card["input"]["std"])
+    (bad / "tiny" / "card.json").write_text(json.dumps(card))
+    env = {**os.environ, **SETTINGS_ENV, "UNETSEG_WEIGHTS_DIR": str(bad), "RAY_USAGE_STATS_ENABLED": "0"}
+    env["UNETSEG_DATA_DIR"] = str(weights.parent / "bad-data")
+    cmd = [sys.executable, "-m", "app", "serve", "--ray", "--cpus-per-replica", "0.5", "--port", str(free_port())]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    said = [line for line in done.stderr.splitlines() if "ERROR unetseg:" in line]
+    assert len(said) == 1 and "card.json: input.std: must be positive" in said[0], said
 
 
 def both_replicas(server: RayServer, client: httpx.Client, path: str = "/readyz") -> set[str]:
