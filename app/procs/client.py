@@ -37,7 +37,7 @@ from app.errors import (
     UnknownModel,
 )
 from app.inference import ClientGone, Timing, wait_for
-from app.procs.protocol import SharedArray, encode, receive
+from app.procs.protocol import Arena, ArenaArray, SharedArray, encode, receive
 from model.card import Card, InstanceSpec, card_from_dict
 from model.pixels import as_hwc, resize_image
 
@@ -87,19 +87,24 @@ class RemoteModel:
         return dict(self.batches)
 
 
+Shared = SharedArray | ArenaArray
+
+
 @dataclass
 class RemotePrepared:
     card: Card
     spec: InstanceSpec | None
     size: tuple[int, int]
-    image: SharedArray
-    mask: SharedArray
-    ids: SharedArray | None
+    image: Shared
+    mask: Shared
+    ids: Shared | None
     extra_bytes: int
     timing: Timing = field(default_factory=Timing)
+    at_engine: bool = False  # sent, and not answered yet: the engine process may still write its arrays
+    release_wanted: bool = False  # released while at the engine: given back when the answer comes
     released: bool = False
 
-    def arrays(self) -> list[SharedArray]:
+    def arrays(self) -> list[Shared]:
         return [a for a in (self.image, self.mask, self.ids) if a is not None]
 
 
@@ -186,6 +191,8 @@ class RemoteEngine(EngineView):
         super().__init__(default_model)
         self.socket_path = socket_path
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._at_engine: dict[int, RemotePrepared] = {}  # every run sent and not yet answered, by id
+        self._arena: Arena | None = None
         self._ids = itertools.count(1)
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
@@ -199,6 +206,7 @@ class RemoteEngine(EngineView):
 
     async def start(self, on_ready: Callable[[], None]) -> None:
         """Keep a connection to the engine process in a background task; ``on_ready`` when it is first ready."""
+        self._arena = Arena.create()
         self._task = asyncio.create_task(self._maintain(on_ready))
 
     async def confirm_ready(self, timeout_s: float = 4 * STATUS_S) -> None:
@@ -235,6 +243,8 @@ class RemoteEngine(EngineView):
                 await self._task
         if self._writer is not None:
             self._writer.close()
+        if self._arena is not None:
+            self._arena.unlink()  # the mapping goes with the last array that views it
 
     async def _maintain(self, on_ready: Callable[[], None]) -> None:
         while True:
@@ -254,12 +264,16 @@ class RemoteEngine(EngineView):
                     if not fut.done():
                         fut.set_exception(NotReady("the engine process went away; retry shortly"))
                 self._pending.clear()
+                for rid in list(self._at_engine):  # that engine process writes no more
+                    self._answered(rid)
             log.warning("lost the engine process at %s; reconnecting", self.socket_path)
             await asyncio.sleep(RECONNECT_S)
 
     async def _session(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, on_ready: Callable[[], None]
     ) -> None:
+        if self._arena is not None:
+            writer.write(encode({"op": "arena", "name": self._arena.name, "size": self._arena.size}))
         writer.write(encode({"op": "hello"}))
         hello = await receive(reader)
         if hello is None:
@@ -275,7 +289,9 @@ class RemoteEngine(EngineView):
                     self._update(message, on_ready)
                     self._answer_status_waiters()
                     continue
-                fut = self._pending.pop(int(message.get("id", -1)), None)
+                rid = int(message.get("id", -1))
+                self._answered(rid)
+                fut = self._pending.pop(rid, None)
                 if fut is not None and not fut.done():
                     fut.set_result(message)
         finally:
@@ -303,12 +319,12 @@ class RemoteEngine(EngineView):
         h, w = size or image.shape[:2]
         pixels = model_input(card, image)
         spec = card.instances if instances else None
-        made: list[SharedArray] = []
+        made: list[Shared] = []
         try:
-            made.append(SharedArray.create(pixels.shape, np.uint8))
-            made.append(SharedArray.create((h, w), np.uint8))
+            made.append(self._shared(pixels.shape, np.uint8))
+            made.append(self._shared((h, w), np.uint8))
             if spec is not None:
-                made.append(SharedArray.create((h, w), np.int32))
+                made.append(self._shared((h, w), np.int32))
             assert made[0].array is not None
             made[0].array[:] = pixels
         except BaseException:
@@ -319,6 +335,18 @@ class RemoteEngine(EngineView):
         return RemotePrepared(
             card, spec, (int(h), int(w)), made[0], made[1], made[2] if spec is not None else None, extra_bytes
         )
+
+    def _shared(self, shape: tuple[int, ...], dtype: type) -> Shared:
+        """A block of the arena, or a file of its own when the arena has no room."""
+        block = self._arena.allocate(shape, dtype) if self._arena is not None else None
+        return block if block is not None else SharedArray.create(shape, dtype)
+
+    def _answered(self, rid: int) -> None:
+        prepared = self._at_engine.pop(rid, None)
+        if prepared is not None:
+            prepared.at_engine = False
+            if prepared.release_wanted:
+                self.release(prepared)
 
     async def run(
         self,
@@ -335,17 +363,19 @@ class RemoteEngine(EngineView):
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
+        prepared.at_engine = True
+        self._at_engine[rid] = prepared
         writer.write(
             encode(
                 {
                     "op": "run",
                     "id": rid,
                     "model": prepared.card.name,
-                    "input": prepared.image.name,
+                    "input": prepared.image.ref,
                     "shape": list(prepared.image.shape),
                     "size": list(prepared.size),
-                    "mask": prepared.mask.name,
-                    "ids": prepared.ids.name if prepared.ids is not None else None,
+                    "mask": prepared.mask.ref,
+                    "ids": prepared.ids.ref if prepared.ids is not None else None,
                     "instances": prepared.spec is not None,
                     "extra_bytes": prepared.extra_bytes,
                     "background": background,
@@ -373,7 +403,12 @@ class RemoteEngine(EngineView):
         return mask, ids
 
     def release(self, prepared: RemotePrepared) -> None:
+        """Give the request's arrays back; after it was given up (a timeout, a client that left), only once the
+        engine process has answered it, which it may still be writing until then."""
         if prepared.released:
+            return
+        if prepared.at_engine:
+            prepared.release_wanted = True
             return
         prepared.released = True
         for array in prepared.arrays():

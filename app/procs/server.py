@@ -31,7 +31,7 @@ from app.errors import ServiceError
 from app.inference import Timing
 from app.logs import configure_logging
 from app.main import io_pool, local_engine
-from app.procs.protocol import SharedArray, encode, receive
+from app.procs.protocol import Arena, attach, encode, receive
 
 log = logging.getLogger("unetseg.engine")
 
@@ -139,17 +139,22 @@ class EngineServer:
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One front end: its messages, and the tasks of its requests (cancelled when it goes away)."""
         tasks: dict[int, asyncio.Task[None]] = {}
+        arena: Arena | None = None
         try:
             while (message := await receive(reader)) is not None:
                 op = message.get("op")
                 if op == "run":
                     rid = int(message["id"])
-                    tasks[rid] = task = asyncio.create_task(self.run(message, writer))
+                    tasks[rid] = task = asyncio.create_task(self.run(message, writer, arena))
                     task.add_done_callback(lambda _, rid=rid: tasks.pop(rid, None))  # type: ignore[misc]
                 elif op == "cancel":
                     running = tasks.get(int(message["id"]))
                     if running is not None:
                         running.cancel()
+                elif op == "arena":
+                    if arena is not None:
+                        arena.close()
+                    arena = Arena.attach(str(message["name"]), int(message["size"]))
                 elif op == "hello":
                     writer.write(encode({"op": "hello", **self.host.hello()}))
                 elif op == "status":
@@ -157,38 +162,39 @@ class EngineServer:
         finally:
             for task in list(tasks.values()):
                 task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks.values(), return_exceptions=True)
+            if arena is not None:
+                arena.close()
             writer.close()
 
-    async def run(self, message: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+    async def run(self, message: dict[str, Any], writer: asyncio.StreamWriter, arena: Arena | None) -> None:
         rid = int(message["id"])
-        arrays: list[SharedArray] = []
         reply: dict[str, Any]
         try:
             h, w = (int(v) for v in message["size"])
-            image = SharedArray.attach(message["input"], tuple(message["shape"]), np.uint8)
-            mask = SharedArray.attach(message["mask"], (h, w), np.uint8)
-            arrays += [image, mask]
-            ids = SharedArray.attach(message["ids"], (h, w), np.int32) if message.get("ids") else None
-            if ids is not None:
-                arrays.append(ids)
-            assert image.array is not None and mask.array is not None
+            image = attach(message["input"], tuple(message["shape"]), np.uint8, arena)
+            mask = attach(message["mask"], (h, w), np.uint8, arena)
+            ids = attach(message["ids"], (h, w), np.int32, arena) if message.get("ids") is not None else None
             classes, found, timing = await self.host.predict(
                 message["model"],
-                image.array,
+                image,
                 (h, w),
                 bool(message["instances"]),
                 int(message["extra_bytes"]),
                 bool(message.get("background")),
             )
-            mask.array[:] = classes
-            if ids is not None and ids.array is not None and found is not None:
-                ids.array[:] = found
+            mask[:] = classes
+            if ids is not None and found is not None:
+                ids[:] = found
             reply = {"timing": [timing.queue_s, timing.model_s, timing.post_s]}
+        except asyncio.CancelledError:
+            # The front end waits for this answer before it uses the request's arena blocks again.
+            if not writer.is_closing():
+                writer.write(encode({"op": "run", "id": rid, "cancelled": True}))
+            raise
         except Exception as exc:  # noqa: BLE001  (error_reply logs what is not a ServiceError)
             reply = error_reply(exc, f"request {rid} from a front end")
-        finally:
-            for array in arrays:
-                array.close()
         if not writer.is_closing():
             writer.write(encode({"op": "run", "id": rid, **reply}))
 
