@@ -14,7 +14,8 @@ to ready, and the sweep starts five) and its result, or why it failed, goes into
    card's precision and on the CPU in float32: the share of pixels whose class agrees, per model;
 3. ``bench.run``: raw forward at batches up to 64, the service (its batch limit measured) against the naive
    server and LitServe at 1, 8, 64 and 128 clients;
-4. the worker sweep: the service alone with ``--workers`` 1, 2, 4, 8 and 12 at 64 and 128 clients.
+4. the worker sweep: the service alone with ``--workers`` 1, 2, 4, 8 and 12 at 64 and 128 clients, each with the
+   batch limit the serving step measured (so that its start skips the measurement).
 
 ``--steps`` runs some of them; every load also records the CPU each server process used, by role (engine
 process, front ends), so that the table says which process was the limit, and ``--profile`` adds py-spy
@@ -186,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         out_json = a.out / f"workers-{n}.json"
         cmd = [sys.executable, "-m", "bench.run", *common, "--peers", "--raw-batches", "1"]
+        # The serving step's measured batch limit, so that each sweep server starts without measuring it again.
+        chosen = report.get("serving", {}).get("result", {}).get("service", {}).get("max_batch")
+        cmd += ["--max-batch", str(chosen)] if chosen else []
         cmd += ["--clients", *(clients[-2:]), "--large-side", "512", "--workers", n, "--out", str(out_json)]
         sweep[n] = step(f"workers-{n}", cmd, left / (len(counts) - i), a.out)
         if out_json.exists():

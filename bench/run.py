@@ -261,6 +261,11 @@ def model_load_seconds(port: int) -> dict[str, float]:
     return {name: round(float(value), 1) for name, value in found}
 
 
+def served_max_batch(port: int, model: str) -> int:
+    """The batch limit the service chose for ``model`` (measured at warm-up unless set)."""
+    return int(httpx.get(f"http://127.0.0.1:{port}/v1/models/{model}", timeout=10).json()["max_batch"])
+
+
 def save(report: dict[str, Any], out: Path) -> None:
     """The report so far (each server's section is kept even if a later one fails or the run is stopped)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -396,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         with server(cmd, port, "/readyz", env, keep_log=log_path(a.out, "service")) as proc:
             ready_s = round(time.monotonic() - started, 1)
             load_s = model_load_seconds(port)
+            chosen = served_max_batch(port, card.name)
             report["service"] = measure(
                 "service",
                 proc,
@@ -409,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 a.profile,
             )
-            report["service"].update(ready_s=ready_s, model_load_s=load_s)
+            report["service"].update(ready_s=ready_s, model_load_s=load_s, max_batch=chosen)
         save(report, a.out)
     if "naive" in a.peers:
         port = free_port()
