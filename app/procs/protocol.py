@@ -66,16 +66,15 @@ async def receive(reader: asyncio.StreamReader) -> dict[str, Any] | None:
     return message
 
 
-class SharedArray:
-    """A NumPy array in a file under ``SHM_DIR``, mapped by the process that creates it and by the one that
-    attaches to it by name. The creator removes the file (``unlink``); each side closes its mapping."""
+class MappedFile:
+    """A file under ``SHM_DIR`` mapped into this process: made (``create``) by one process, opened by name by
+    the other. The maker removes the file (``unlink``); each side closes its mapping."""
 
-    def __init__(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any] | type, create: bool) -> None:
-        self.name = self.ref = name
+    def __init__(self, name: str, size: int, create: bool) -> None:
+        if not name.startswith(SHM_PREFIX) or "/" in name:
+            raise ValueError(f"not a shared memory name: {name!r}")
+        self.name = name
         self.path = SHM_DIR / name
-        self.shape = tuple(int(v) for v in shape)
-        self.dtype = np.dtype(dtype)
-        size = max(1, int(np.prod(self.shape)) * self.dtype.itemsize)
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = os.open(self.path, flags, 0o600)
         try:
@@ -84,22 +83,9 @@ class SharedArray:
             self._map: mmap.mmap | None = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        self.array: np.ndarray | None = np.ndarray(self.shape, self.dtype, buffer=self._map)
-
-    @classmethod
-    def create(cls, shape: tuple[int, ...], dtype: np.dtype[Any] | type) -> SharedArray:
-        """A new array, named after this process and a counter (so that leftovers of a dead process are found)."""
-        return cls(f"{SHM_PREFIX}{os.getpid()}-{next(_serial)}", shape, dtype, create=True)
-
-    @classmethod
-    def attach(cls, name: str, shape: tuple[int, ...], dtype: np.dtype[Any] | type) -> SharedArray:
-        if not name.startswith(SHM_PREFIX) or "/" in name:
-            raise ValueError(f"not a shared array name: {name!r}")
-        return cls(name, shape, dtype, create=False)
 
     def close(self) -> None:
-        """Unmap (once the views of the array are gone; until then the mapping lives with them)."""
-        self.array = None
+        """Unmap (once the views of it are gone; until then the mapping lives with them)."""
         if self._map is not None:
             with contextlib.suppress(BufferError):  # a view still held elsewhere keeps the mapping alive
                 self._map.close()
@@ -110,26 +96,39 @@ class SharedArray:
             self.path.unlink()
 
 
-class Arena:
+class SharedArray(MappedFile):
+    """A NumPy array in a file of its own; ``ref`` (its name) goes in messages."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any] | type, create: bool) -> None:
+        self.shape = tuple(int(v) for v in shape)
+        self.dtype = np.dtype(dtype)
+        super().__init__(name, max(1, int(np.prod(self.shape)) * self.dtype.itemsize), create)
+        self.ref = name
+        self.array: np.ndarray | None = np.ndarray(self.shape, self.dtype, buffer=self._map)
+
+    @classmethod
+    def create(cls, shape: tuple[int, ...], dtype: np.dtype[Any] | type) -> SharedArray:
+        """A new array, named after this process and a counter (so that leftovers of a dead process are found)."""
+        return cls(f"{SHM_PREFIX}{os.getpid()}-{next(_serial)}", shape, dtype, create=True)
+
+    @classmethod
+    def attach(cls, name: str, shape: tuple[int, ...], dtype: np.dtype[Any] | type) -> SharedArray:
+        return cls(name, shape, dtype, create=False)
+
+    def close(self) -> None:
+        self.array = None
+        super().close()
+
+
+class Arena(MappedFile):
     """One shared-memory file for many arrays: the front end that creates it allocates and frees blocks
     (``allocate``, from any thread); the engine process attaches it once per connection and views blocks by
     offset (``view``). Blocks are first-fit, aligned to ``ALIGN`` bytes; a free block joins its free
     neighbours."""
 
     def __init__(self, name: str, size: int, create: bool) -> None:
-        if not name.startswith(SHM_PREFIX) or "/" in name:
-            raise ValueError(f"not an arena name: {name!r}")
-        self.name = name
-        self.path = SHM_DIR / name
         self.size = int(size)
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(self.path, flags, 0o600)
-        try:
-            if create:
-                os.ftruncate(fd, self.size)
-            self._map: mmap.mmap | None = mmap.mmap(fd, self.size)
-        finally:
-            os.close(fd)
+        super().__init__(name, self.size, create)
         self._lock = threading.Lock()
         self._free: list[tuple[int, int]] = [(0, self.size)]  # (offset, size), sorted by offset
 
@@ -180,16 +179,6 @@ class Arena:
         if self._map is None or offset < 0 or offset % ALIGN or offset + nbytes > self.size:
             raise ValueError(f"no array of {nbytes} bytes at offset {offset} of the arena")
         return np.ndarray(tuple(int(v) for v in shape), dt, buffer=self._map, offset=offset)
-
-    def close(self) -> None:
-        if self._map is not None:
-            with contextlib.suppress(BufferError):  # a view still held elsewhere keeps the mapping alive
-                self._map.close()
-            self._map = None
-
-    def unlink(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
 
 
 class ArenaArray:
