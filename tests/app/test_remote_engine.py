@@ -6,6 +6,7 @@ while the engine process may still write its arrays."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,29 @@ from app.errors import RequestTimeout
 from app.procs.client import RemoteEngine
 from app.procs.protocol import Arena, ArenaArray, SharedArray, attach, encode, receive
 from tests.helpers import tiny_card
+
+HELLO = {
+    "op": "hello",
+    "default_model": "tiny",
+    "models": [
+        {"card": tiny_card().to_dict(), "device": "cpu", "precision": "float32", "graph": "eager", "max_batch": 4}
+    ],
+}
+Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def stand_in(answer: Answer, hung_up: asyncio.Event) -> Answer:
+    """A stand-in engine process's connection: ``answer`` its messages, then hang up and say so."""
+
+    async def engine_process(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await answer(reader, writer)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+            hung_up.set()
+
+    return engine_process
 
 
 def test_a_front_end_that_has_not_seen_the_engine_ready_asks_it_before_saying_still_loading(
@@ -35,24 +59,10 @@ async def asks_when_needed(tmp_path: Path) -> None:
     answer_the_second = asyncio.Event()
     hung_up = asyncio.Event()
 
-    async def engine_process(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await answer(reader, writer)
-        finally:
-            writer.close()
-            await writer.wait_closed()
-            hung_up.set()
-
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while (message := await receive(reader)) is not None:
             if message["op"] == "hello":
-                model = {"card": tiny_card().to_dict(), "device": "cpu", "precision": "float32"}
-                hello = {
-                    "op": "hello",
-                    "default_model": "tiny",
-                    "models": [{**model, "graph": "eager", "max_batch": 4}],
-                }
-                writer.write(encode(hello))
+                writer.write(encode(HELLO))
             elif message["op"] == "status":
                 status: dict[str, Any] = {"op": "status", "ready": ready_now.is_set(), "failure": None, "models": {}}
                 if not answered and not first_question.is_set():
@@ -64,7 +74,7 @@ async def asks_when_needed(tmp_path: Path) -> None:
                 writer.write(encode({**status, "gpu": {}}))
 
     path = tmp_path / "engine.sock"
-    server = await asyncio.start_unix_server(engine_process, path=str(path))
+    server = await asyncio.start_unix_server(stand_in(answer, hung_up), path=str(path))
     became_ready = asyncio.Event()
     engine = RemoteEngine(str(path))
     await engine.start(on_ready=became_ready.set)
@@ -139,27 +149,10 @@ async def given_up(tmp_path: Path) -> None:
     answer_it = asyncio.Event()
     hung_up = asyncio.Event()
 
-    async def engine_process(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await answer(reader, writer)
-        finally:
-            writer.close()
-            await writer.wait_closed()
-            hung_up.set()
-
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while (message := await receive(reader)) is not None:
             if message["op"] == "hello":
-                model = {"card": tiny_card().to_dict(), "device": "cpu", "precision": "float32"}
-                writer.write(
-                    encode(
-                        {
-                            "op": "hello",
-                            "default_model": "tiny",
-                            "models": [{**model, "graph": "eager", "max_batch": 4}],
-                        }
-                    )
-                )
+                writer.write(encode(HELLO))
             elif message["op"] == "status":
                 writer.write(encode({"op": "status", "ready": True, "failure": None, "models": {}, "gpu": {}}))
             elif message["op"] == "run":
@@ -170,7 +163,7 @@ async def given_up(tmp_path: Path) -> None:
                 writer.write(encode({"op": "run", "id": message["id"], "cancelled": True}))
 
     path = tmp_path / "engine.sock"
-    server = await asyncio.start_unix_server(engine_process, path=str(path))
+    server = await asyncio.start_unix_server(stand_in(answer, hung_up), path=str(path))
     ready = asyncio.Event()
     engine = RemoteEngine(str(path))
     await engine.start(on_ready=ready.set)
