@@ -40,8 +40,12 @@ def serve(argv: Sequence[str]) -> int:
     )
     p.add_argument("--ray", action="store_true", help="serve as a Ray Serve application (needs the ray extra)")
     p.add_argument("--replicas", type=int, default=1, help="with --ray: HTTP front-end replicas (1 CPU each)")
-    p.add_argument("--engines", type=int, default=1, help="with --ray: engine replicas (the models, one per GPU)")
-    p.add_argument("--gpus-per-engine", type=float, default=0, help="with --ray: GPUs (or a fraction) per engine")
+    p.add_argument(
+        "--engines", type=int, default=0, help="with --ray: engine replicas (0, the default: one per GPU, or 1)"
+    )
+    p.add_argument(
+        "--gpus-per-engine", type=float, help="with --ray: GPUs (or a fraction) per engine (default: 1 if it has GPUs)"
+    )
     p.add_argument("--cpus-per-replica", type=float, default=1, help="with --ray: CPUs reserved per replica")
     p.add_argument("--ray-address", help="with --ray: join this cluster (default: RAY_ADDRESS, else start one)")
     args = p.parse_args(argv)
@@ -61,8 +65,8 @@ def serve(argv: Sequence[str]) -> int:
     # log is off and its other records go through the same handler.
     configure_logging(settings.log_format, settings.log_level)
     if args.ray:
-        if args.replicas < 1 or args.engines < 1:
-            p.error("--replicas and --engines must be at least 1")
+        if args.replicas < 1 or args.engines < 0 or (args.gpus_per_engine or 0) < 0:
+            p.error("--replicas must be at least 1, --engines and --gpus-per-engine at least 0")
         try:
             from app.ray.launch import run
         except ImportError as exc:

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Mapping
 from types import FrameType
 
 import ray
@@ -49,17 +50,31 @@ def why_failed(app: str) -> str:
     return lines[-1].strip() if lines else "no reason given"
 
 
+def engine_plan(
+    resources: Mapping[str, float], engines: int, gpus_per_engine: float | None, device: str
+) -> tuple[int, float]:
+    """(engine replicas, GPUs each): as given, else from the cluster's ``resources``: a whole GPU per engine
+    where the cluster has GPUs (and ``device`` is not "cpu"), none otherwise; ``engines`` 0: as many as that
+    fits on the cluster's GPUs, one without."""
+    gpus = int(resources.get("GPU", 0)) if device != "cpu" else 0
+    if gpus_per_engine is None:
+        gpus_per_engine = 1.0 if gpus else 0.0
+    if engines == 0:
+        engines = max(1, int(gpus // gpus_per_engine)) if gpus_per_engine else 1
+    return engines, gpus_per_engine
+
+
 def run(
     settings: Settings,
     replicas: int,
-    engines: int = 1,
-    gpus_per_engine: float = 0,
+    engines: int = 0,
+    gpus_per_engine: float | None = None,
     address: str | None = None,
     cpus_per_replica: float = 1,
     grace_s: float = 30.0,
 ) -> int:
-    """Serve ``replicas`` front ends and ``engines`` engine replicas on ``settings.host:settings.port``; returns 0
-    after SIGTERM/SIGINT.
+    """Serve ``replicas`` front ends and ``engines`` engine replicas (see ``engine_plan``) on
+    ``settings.host:settings.port``; returns 0 after SIGTERM/SIGINT.
 
     Each replica finishes its in-flight requests (for up to ``grace_s``) before it stops; then the Serve
     application and the Ray processes this command started are shut down.
@@ -67,6 +82,10 @@ def run(
     address = address or os.environ.get("RAY_ADDRESS") or None
     stop = threading.Event()
     start_ray(address)
+    resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    engines, gpus_per_engine = engine_plan(resources, engines, gpus_per_engine, settings.device)
+    if gpus_per_engine and not resources.get("GPU"):
+        log.warning("the engines ask for %g GPU each and the cluster has none (yet): they wait", gpus_per_engine)
 
     # ray.init's own SIGTERM handler (on an instance it starts) kills every Ray process at once and exits 1,
     # while requests are still in flight: this one lets the shutdown below drain them.
@@ -86,11 +105,12 @@ def run(
                 log.error("%s (%s)", why_failed(name), exc)
                 return 1
         log.info(
-            "serving on http://%s:%d: %d front end(s), %d engine(s) on Ray %s (%s)",
+            "serving on http://%s:%d: %d front end(s), %d engine(s) with %g GPU each, on Ray %s (%s)",
             settings.host,
             settings.port,
             replicas,
             engines,
+            gpus_per_engine,
             ray.__version__,
             f"cluster at {address}" if address else "a local instance",
         )

@@ -20,6 +20,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from app.config import Settings
 from app.ray.deployment import APP_NAME, DEPLOYMENT_NAME, ENGINE_APP, ENGINE_NAME, build, build_engine
+from app.ray.launch import engine_plan
 
 pytestmark = pytest.mark.ray
 
@@ -82,3 +83,12 @@ def test_unknown_settings_are_refused() -> None:
     for builder in (build, build_engine):
         with pytest.raises(ValueError, match="weights_folder"):
             builder({"settings": {"weights_folder": "/w"}})
+
+
+def test_engines_default_to_one_per_gpu_of_the_cluster_and_to_the_cpu_without_one() -> None:
+    assert engine_plan({"CPU": 2}, 0, None, "auto") == (1, 0.0)
+    assert engine_plan({"CPU": 64, "GPU": 4}, 0, None, "auto") == (4, 1.0)
+    assert engine_plan({"CPU": 64, "GPU": 4}, 0, 0.5, "auto") == (8, 0.5)
+    assert engine_plan({"CPU": 64, "GPU": 4}, 2, None, "cuda") == (2, 1.0)  # a count given is kept
+    assert engine_plan({"CPU": 64, "GPU": 4}, 0, None, "cpu") == (1, 0.0)  # the settings ask for the CPU
+    assert engine_plan({"CPU": 2}, 0, 1.0, "auto") == (1, 1.0)  # asked for: it waits for a GPU (logged)
