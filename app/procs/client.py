@@ -3,14 +3,19 @@
 
 ``prepare`` (an I/O thread) does the pixel work the engine process would otherwise do on its one
 interpreter: a "resize" model's input is resized here, so only (size x size x C) bytes cross; a tiled
-model's image crosses whole and is cut into tiles there. ``run`` sends the request and awaits the reply on
-the event loop; a timeout or a client that left cancels it in the engine process. ``finish`` copies the mask
-out of shared memory; ``release`` removes the shared arrays.
+model's image crosses whole and is cut into tiles there. Its arrays are blocks of this front end's arena
+(``app.procs.protocol.Arena``), or files of their own when the arena has no room. ``run`` sends the request
+and awaits the reply on the event loop; a timeout or a client that left cancels it in the engine process.
+``finish`` copies the mask out of shared memory; ``release`` gives the arrays back, for a request given up
+only once the engine process has answered it.
 
-The connection is kept up by a background task: it says hello (the models and their cards), polls the
-engine process's status every ``STATUS_S`` (readiness, queue depths, batch counts, GPU memory: what
-``/readyz`` and ``/metrics`` report), and reconnects when the engine process restarts; requests in flight
-when the connection drops fail with 503.
+``EngineView`` is what this shares with the Ray front ends' ``app.ray.frontend.RayEngine``: the models and
+their live numbers as the routes and metrics see them.
+
+The connection is kept up by a background task: it names the arena, says hello (the models and their
+cards), polls the engine process's status every ``STATUS_S`` (readiness, queue depths, batch counts, GPU
+memory: what ``/readyz`` and ``/metrics`` report), and reconnects when the engine process restarts;
+requests in flight when the connection drops fail with 503.
 """
 
 from __future__ import annotations
