@@ -32,8 +32,12 @@ from app.engine.work import TensorWork
 from app.errors import InferenceFailed, NotReady, Overloaded
 from model.bundle import Bundle
 
-# The forward pass keeps every core of a CPU only where that makes it this many times as fast as one core.
-WIDE_GAIN = 1.1
+# The forward pass runs on one core of a CPU only where that makes it this many times as fast as on every core
+# (a model so small that waking the other threads costs more than they do). A margin well above the timing's
+# noise: a near-free model ran 2.8 times as fast on one of two threads, the shipped ones never faster, yet the
+# timings of polyp on this machine's two cores went either way by 10-30% (20.9 / 15.4, 11.7 / 13.2 images/s);
+# one thread where two gain leaves a core idle under load (c8 fell below c1).
+NARROW_GAIN = 1.5
 
 log = logging.getLogger("unetseg.engine")
 
@@ -81,7 +85,10 @@ class ModelEngine:
         self.use_cuda_graphs = cuda_graphs
         # On the CPU several streams share the cores: each worker runs its forward passes on its share.
         self.threads_per_stream = stream_threads(streams, device.type)
-        self.threads_wide = torch.get_num_threads() if self.threads_per_stream else 0
+        # Every torch thread of the process, read now: a thread that starts later gets the count last set by
+        # any thread (the I/O threads set theirs to 1), so each worker sets its own (``_run_stream``).
+        self.threads_all = torch.get_num_threads()
+        self.threads_wide = self.threads_all if self.threads_per_stream else 0
         self.queue = BatchQueue(max_batch or 8, max_wait_s, queue_size, streams, split=bool(self.threads_wide))
         self._cond = threading.Condition()
         self._threads: list[threading.Thread] = []
@@ -169,7 +176,7 @@ class ModelEngine:
         """One worker on the CPU runs on every torch thread, unless the model is too small to gain from them:
         waking the other threads for each of its many small operations then costs more than it saves (a width-4
         U-Net on a 64-pixel input took 4.6 ms of CPU on 2 threads for 1.1 on one). Timed at batch 1 both ways;
-        the extra threads stay only where they make the forward pass at least ``WIDE_GAIN`` times as fast."""
+        the model runs on one thread only where that makes it at least ``NARROW_GAIN`` times as fast."""
         wide = torch.get_num_threads()
         if self.device.type != "cpu" or self.streams != 1 or wide == 1:
             return
@@ -179,7 +186,7 @@ class ModelEngine:
             rate_one = self.runner.rate(1)
         finally:
             torch.set_num_threads(wide)
-        if rate_wide < WIDE_GAIN * rate_one:
+        if rate_one >= NARROW_GAIN * rate_wide:
             self.threads_per_stream = 1
         log.info(
             "model %s: %d thread(s) per forward pass (images/s at batch 1: %.1f on %d threads, %.1f on one)",
@@ -360,10 +367,10 @@ class ModelEngine:
             self._cond.notify_all()
 
     def _run_stream(self, stream: torch.cuda.Stream | None, staging: Staging | None, graphs: CudaGraphs | None) -> None:
-        # torch.set_num_threads sets the calling thread's OpenMP team size: each worker sets its own.
-        threads = self.threads_per_stream
-        if threads:
-            torch.set_num_threads(threads)
+        # torch.set_num_threads sets the calling thread's OpenMP team size: each worker sets its own, always (left
+        # alone, it would take whatever another thread set last: one thread, after the I/O threads start).
+        threads = self.threads_per_stream or self.threads_all
+        torch.set_num_threads(threads)
         try:
             while True:
                 formed: Formed | None = None

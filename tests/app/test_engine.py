@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import threading
 import time
@@ -41,14 +42,18 @@ class Recorder(torch.nn.Module):
         return out
 
 
-@pytest.fixture
-def engine(tmp_path: Path) -> ModelEngine:
+def tiny_engine(tmp_path: Path) -> ModelEngine:
     folder, _, _ = write_tiny_bundle(tmp_path / "tiny")
     eng = ModelEngine(
         load_bundle(folder), torch.device("cpu"), torch.float32, max_batch=4, max_wait_s=0.001, queue_size=3
     )
     eng.model = Recorder(eng.model)  # type: ignore[arg-type]
     return eng
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> ModelEngine:
+    return tiny_engine(tmp_path)
 
 
 def rec(engine: ModelEngine) -> Recorder:
@@ -327,14 +332,16 @@ def test_lazy_tiles_give_the_plans_mask(classes: int, shape: tuple[int, int]) ->
 
 @pytest.mark.parametrize(
     ("rates", "threads"),
-    [({1: 100.0, 2: 50.0}, 1), ({1: 100.0, 2: 105.0}, 1), ({1: 100.0, 2: 170.0}, 0)],  # 0: every thread
+    # 0: every thread. Slower on two threads by less than the margin (timing noise) keeps both.
+    [({1: 100.0, 2: 50.0}, 1), ({1: 100.0, 2: 70.0}, 0), ({1: 100.0, 2: 105.0}, 0), ({1: 100.0, 2: 170.0}, 0)],
 )
 def test_on_the_cpu_a_model_too_small_to_gain_from_every_core_runs_on_one(
-    engine: ModelEngine, monkeypatch: pytest.MonkeyPatch, rates: dict[int, float], threads: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rates: dict[int, float], threads: int
 ) -> None:
-    """Timed at warm-up: the forward pass keeps the other threads only where they make it 1.1 times as fast."""
+    """Timed at warm-up: the forward pass runs on one thread only where that makes it 1.5 times as fast."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
+    engine = tiny_engine(tmp_path)  # made on a process of two torch threads
     seen: list[int] = []
 
     def rate(batch: int) -> float:
@@ -354,10 +361,14 @@ def test_on_the_cpu_a_model_too_small_to_gain_from_every_core_runs_on_one(
             return forward(x)
 
         engine.model = watched
+        # An I/O thread sets its own count to 1 before the worker starts, as the service's do at their start:
+        # the worker still runs on the count it chose (it once took the I/O threads' 1 and left a core idle).
+        pool = concurrent.futures.ThreadPoolExecutor(1, initializer=lambda: torch.set_num_threads(1))
+        pool.submit(torch.get_num_threads).result()
+        pool.shutdown()
         engine.start()
         assert engine.submit(torch.randn(1, 3, 8, 8)).result(10)[0].shape == (1, 2, 8, 8)
-        if threads == 1:
-            assert ran_on == [1]  # the worker ran it on one thread
+        assert ran_on == [threads or 2]  # the worker ran it on one thread, or on both
     finally:
         engine.stop()
         torch.set_num_threads(before)
