@@ -34,9 +34,9 @@ from model.bundle import Bundle
 
 # The forward pass runs on one core of a CPU only where that makes it this many times as fast as on every core
 # (a model so small that waking the other threads costs more than they do). A margin well above the timing's
-# noise: a near-free model ran 2.8 times as fast on one of two threads, the shipped ones never faster, yet the
-# timings of polyp on this machine's two cores went either way by 10-30% (20.9 / 15.4, 11.7 / 13.2 images/s);
-# one thread where two gain leaves a core idle under load (c8 fell below c1).
+# noise: a near-free model ran 2.8 times as fast on one of two threads, the shipped ones never faster, yet
+# polyp's timings on a 2-core VM went either way by 10-30% (20.9 / 15.4, 11.7 / 13.2 images/s); one thread
+# where two gain leaves a core idle under load (c8 fell below c1).
 NARROW_GAIN = 1.5
 
 log = logging.getLogger("unetseg.engine")
