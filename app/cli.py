@@ -10,14 +10,26 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+# How long an idle OpenMP thread of torch's spins before it sleeps, in libgomp's spins (about 100,000 a
+# millisecond, by its own estimate): about 0.1 ms. Long enough to span the gaps between one forward pass's
+# operations (sleeping at once, OMP_WAIT_POLICY=PASSIVE, made polyp's forward pass on two threads 25% slower
+# on a 2-core VM: 95-100 ms against 77-79), short enough that a thread left with no work soon gives its core
+# to decoding, encoding and the other processes (libgomp's default, 300,000, took a near-free model's
+# requests from about 8 to over 100 CPU-ms each on 2 busy cores).
+OMP_SPINCOUNT = "10000"
 
-def serve(argv: Sequence[str]) -> int:
+
+def omp_wait_defaults() -> None:
+    """Set ``GOMP_SPINCOUNT`` unless the environment chose a wait policy itself; before torch is imported
+    (libgomp reads it once, when it is loaded)."""
     import os
 
-    # Before torch starts its threads: a thread with no parallel work sleeps at once instead of spinning. A
-    # spinning thread holds a core that decoding, encoding and the other processes need: on 2 busy cores it
-    # took a near-free model's requests from about 8 to over 100 CPU-ms each (bench.frontend).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = OMP_SPINCOUNT
+
+
+def serve(argv: Sequence[str]) -> int:
+    omp_wait_defaults()
     from app.config import load_settings
     from app.logs import configure_logging
     from app.main import create_app

@@ -139,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def inprocess(image: bytes, n: int) -> dict[str, Any]:
     """CPU milliseconds of this process per request through ``app.pipeline.predict``, one at a time."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as unetseg serve, before torch starts its threads
     from app.engine import Engine
     from app.pipeline import Ask, predict
 
