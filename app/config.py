@@ -95,9 +95,12 @@ class Settings(BaseSettings):
         True, description="On CUDA, replay each model's forward pass as CUDA graphs captured per batch size."
     )
     streams: int = Field(
-        1,
-        ge=1,
-        description="Forward passes each model runs at once (worker threads); on CPU they share the torch threads.",
+        0,
+        ge=0,
+        description=(
+            "Forward passes each model runs at once (worker threads); on CPU they share the torch threads "
+            "(0: one per torch thread on the CPU, a lone request still on all of them; one on a GPU)."
+        ),
     )
     queue_size: int = Field(
         64, ge=1, description="Requests waiting per model before new ones get 503 with Retry-After."

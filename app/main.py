@@ -65,19 +65,21 @@ def local_engine(s: Settings) -> Engine:
     import torch
 
     from app.engine import Engine, resolve_device
+    from app.engine.device import resolve_streams
 
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
+    device = resolve_device(s.device)
     return Engine.from_folder(
         s.weights_dir,
-        resolve_device(s.device),
+        device,
         precision=s.precision,
         max_batch=s.max_batch,
         max_wait_s=s.max_wait_ms / 1000,
         queue_size=s.queue_size,
         compile=s.compile,
         default_model=s.default_model,
-        streams=s.streams,
+        streams=resolve_streams(s.streams, device),
         graph=s.graph,
         cuda_graphs=s.cuda_graphs,
         max_inflight_bytes=s.max_inflight_mb * 1024 * 1024,
@@ -88,10 +90,10 @@ def io_pool(s: Settings, name: str) -> concurrent.futures.ThreadPoolExecutor:
     """The threads that decode, prepare, finish and encode requests (``UNETSEG_IO_THREADS``). Their torch work
     (the CPU's upsampling and class maps) runs on one torch thread each: many requests at once use the cores,
     not each request all of them over again."""
-    import torch
+    from app.engine.device import set_own_threads
 
     threads = s.io_threads or os.cpu_count() or 1
-    return concurrent.futures.ThreadPoolExecutor(threads, name, initializer=lambda: torch.set_num_threads(1))
+    return concurrent.futures.ThreadPoolExecutor(threads, name, initializer=set_own_threads, initargs=(1,))
 
 
 def _start_engine(state: AppState) -> None:

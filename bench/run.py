@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 
 from app.engine import resolve_device, resolve_dtype, stream_threads
+from app.engine.device import resolve_streams, set_own_threads
 from app.engine.graph import GRAPHS, script_graph, wants_script
 from bench import DATASETS, ROOT
 from bench.loadgen import LoadResult, json_request, multipart_request, run_load
@@ -213,7 +214,7 @@ def raw_rate(
 
     def stream() -> None:
         if share:
-            torch.set_num_threads(share)
+            set_own_threads(share)
         rates.append(_forward_rate(model, x, device, dtype, seconds))
 
     workers = [threading.Thread(target=stream) for _ in range(streams)]
@@ -327,7 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="front-end processes of the service (serve --workers)")
     ap.add_argument("--raw-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="raw forward batch sizes")
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
-    ap.add_argument("--streams", type=int, default=1, help="UNETSEG_STREAMS for the service, workers for LitServe")
+    ap.add_argument(
+        "--streams",
+        type=int,
+        default=0,
+        help="UNETSEG_STREAMS for the service, workers for LitServe (0: the service's default for the device)",
+    )
     ap.add_argument("--graph", default="auto", choices=GRAPHS, help="UNETSEG_GRAPH for the service and the raw forward")
     ap.add_argument("--peers", nargs="*", default=["naive", "litserve"], choices=["naive", "litserve"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
@@ -342,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     card = load_bundle(bundle_dir).card
     dtype = resolve_dtype("auto", card, device)
     dname = str(dtype).removeprefix("torch.")
+    a.streams = resolve_streams(a.streams, device)
     small, large, origin = make_images(a.large_side)
     report: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),

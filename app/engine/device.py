@@ -20,9 +20,38 @@ __all__ = [
     "on_stream",
     "resolve_device",
     "resolve_dtype",
+    "resolve_streams",
+    "set_own_threads",
     "stream_threads",
     "warmup_batches",
 ]
+
+
+def set_own_threads(n: int) -> None:
+    """The calling thread's torch thread count (the size of its OpenMP team), kept whatever other threads set.
+
+    ``torch.set_num_threads`` sets the calling thread's count and a process-wide one; the first time a thread
+    reads its count (``torch.get_num_threads``, or any operation that may run in parallel) torch replaces the
+    thread's own count with the process-wide one, which is whatever any thread set last. A thread that set
+    its count before then lost it: the engine's worker set two, an I/O thread started after it set one, and
+    every forward pass ran on one thread of two. Reading the count first spends that replacement now."""
+    torch.get_num_threads()
+    torch.set_num_threads(n)
+
+
+def resolve_streams(setting: int, device: torch.device, cores: int | None = None) -> int:
+    """Forward passes each model runs at once (``UNETSEG_STREAMS``): the setting, or for 0 one per torch thread
+    (or per core of ``cores``) on the CPU, each on one thread, and one on any other device.
+
+    On a CPU, single-thread passes side by side beat one pass on every thread whenever more than one request
+    waits: that pass's threads wait for each other at every operation, and for any other work that takes a core
+    (polyp 2.0.0 on a 2-core VM served 24 images/s to 8 clients with two streams, 17 with one; measured with
+    ``bench.run``, docs/benchmarks.md). A lone request still runs on every thread (``batching``)."""
+    if setting:
+        return setting
+    if device.type != "cpu":
+        return 1
+    return max(1, cores or torch.get_num_threads())
 
 
 def stream_threads(streams: int, device_type: str = "cpu") -> int:

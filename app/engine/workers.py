@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from app.engine.batching import Batch, BatchQueue, Formed, Job, Timing, Work
-from app.engine.device import on_stream, stream_threads, warmup_batches
+from app.engine.device import on_stream, set_own_threads, stream_threads, warmup_batches
 from app.engine.runner import MEASURE_CAP, CudaGraphs, DeviceTimer, Runner, Staging, capture_graphs
 from app.engine.work import TensorWork
 from app.errors import InferenceFailed, NotReady, Overloaded
@@ -367,10 +367,10 @@ class ModelEngine:
             self._cond.notify_all()
 
     def _run_stream(self, stream: torch.cuda.Stream | None, staging: Staging | None, graphs: CudaGraphs | None) -> None:
-        # torch.set_num_threads sets the calling thread's OpenMP team size: each worker sets its own, always (left
-        # alone, it would take whatever another thread set last: one thread, after the I/O threads start).
+        # Each worker sets its own thread count, always: left alone, it would take whatever another thread set
+        # last (one, once the I/O threads start).
         threads = self.threads_per_stream or self.threads_all
-        torch.set_num_threads(threads)
+        set_own_threads(threads)
         try:
             while True:
                 formed: Formed | None = None

@@ -103,16 +103,15 @@ async def predict_bytes(
 
 def open_engine(bundle: Path, settings: Settings) -> Engine:
     """An engine for one bundle in this process (``unetseg segment SLIDE``). On the CPU it runs one
-    single-thread stream per core, as the bulk job's does: a job keeps the model busy. It warms up only to
-    measure its batch limit (``UNETSEG_MAX_BATCH=0``)."""
-    import os
-
+    single-thread stream per core unless ``UNETSEG_STREAMS`` says otherwise, as the service does. It warms up
+    only to measure its batch limit (``UNETSEG_MAX_BATCH=0``)."""
     from app.engine import Engine, resolve_device
+    from app.engine.device import resolve_streams
     from model.bundle import load_bundle
 
     loaded = load_bundle(bundle)
     device = resolve_device(settings.device)
-    streams = max(settings.streams, os.cpu_count() or 1) if device.type == "cpu" else settings.streams
+    streams = resolve_streams(settings.streams, device)
     engine = Engine(
         [loaded],
         device,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -13,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from app import pipeline
 from app.config import Settings
 from app.engine import Engine, resolve_device
+from app.engine.device import resolve_streams, set_own_threads
 from app.errors import ServiceError
 from app.pipeline import INSTANCES_KEY, Ask, class_counts
 from app.segment.sources import Source
@@ -86,9 +85,7 @@ class Segmenter:
         self.colors = [c.color for c in self.card.classes]
         self.ask = Ask(self.card.name, "png", compress_level=options.compress_level, bulk=True)
         device = resolve_device(options.device)
-        # A job that keeps the model busy gets more from one single-thread forward pass per core than from
-        # one pass on every core (whose threads wait for each other, and for anything else on the machine).
-        streams = max(options.streams, cores or os.cpu_count() or 1) if device.type == "cpu" else options.streams
+        streams = resolve_streams(options.streams, device, cores)
         self.engine = Engine(
             [bundle],
             device,
@@ -102,8 +99,10 @@ class Segmenter:
         self.engine.start(warmup=options.max_batch == 0)  # the warm-up measures the batch limit
         # On the CPU the cores are the streams'; the threads' own torch work (resizing the input, upsampling
         # the logits) runs on one thread each, not in parallel regions that contend with the streams'.
-        init = (lambda: torch.set_num_threads(1)) if device.type == "cpu" else None
-        self.pool = concurrent.futures.ThreadPoolExecutor(self.threads, "unetseg-segment", initializer=init)
+        init = set_own_threads if device.type == "cpu" else None
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            self.threads, "unetseg-segment", initializer=init, initargs=(1,)
+        )
         self.loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="unetseg-segment-loop", daemon=True)
         self._loop_thread.start()

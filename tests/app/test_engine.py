@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from app.engine import Engine, ModelEngine, Timing, resolve_device, resolve_dtype
+from app.engine.batching import Formed
 from app.errors import InferenceFailed, Overloaded, UnknownModel
 from app.pipeline import segment
 from model.bundle import load_bundle
@@ -361,12 +362,27 @@ def test_on_the_cpu_a_model_too_small_to_gain_from_every_core_runs_on_one(
             return forward(x)
 
         engine.model = watched
-        # An I/O thread sets its own count to 1 before the worker starts, as the service's do at their start:
-        # the worker still runs on the count it chose (it once took the I/O threads' 1 and left a core idle).
-        pool = concurrent.futures.ThreadPoolExecutor(1, initializer=lambda: torch.set_num_threads(1))
-        pool.submit(torch.get_num_threads).result()
-        pool.shutdown()
+        waiting = threading.Event()
+        next_batch = engine._next_batch
+
+        def watched_next() -> Formed | None:
+            waiting.set()
+            return next_batch()
+
+        monkeypatch.setattr(engine, "_next_batch", watched_next)
+
+        def io_thread_sets_one() -> None:  # as the service's I/O threads do when they start, with torch's call
+            pool = concurrent.futures.ThreadPoolExecutor(1, initializer=lambda: torch.set_num_threads(1))
+            assert pool.submit(torch.get_num_threads).result() == 1
+            pool.shutdown()
+
+        # I/O threads set their own count to 1 before the worker starts and after it is waiting for work (the
+        # service starts them at its first request): the worker still runs on the count it chose. It once took
+        # the I/O threads' 1 and left a core idle, both ways.
+        io_thread_sets_one()
         engine.start()
+        assert waiting.wait(10)
+        io_thread_sets_one()
         assert engine.submit(torch.randn(1, 3, 8, 8)).result(10)[0].shape == (1, 2, 8, 8)
         assert ran_on == [threads or 2]  # the worker ran it on one thread, or on both
     finally:
