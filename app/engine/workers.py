@@ -153,7 +153,7 @@ class ModelEngine:
         self.runner.prepare()
 
     def warmup(self) -> None:
-        """``prepare``; on the CPU with one worker, whether the model's forward pass gains from every core
+        """``prepare``; on the CPU, whether the model's forward pass gains from every core
         (``choose_threads``); measure the batch limit when asked to; run every input shape at batch 1 and a
         full batch, before reporting ready."""
         t0 = time.perf_counter()
@@ -173,28 +173,36 @@ class ModelEngine:
         self.load_s += time.perf_counter() - t0
 
     def choose_threads(self) -> None:
-        """One worker on the CPU runs on every torch thread, unless the model is too small to gain from them:
-        waking the other threads for each of its many small operations then costs more than it saves (a width-4
-        U-Net on a 64-pixel input took 4.6 ms of CPU on 2 threads for 1.1 on one). Timed at batch 1 both ways;
-        the model runs on one thread only where that makes it at least ``NARROW_GAIN`` times as fast."""
+        """On the CPU, whether a lone forward pass gains from every torch thread. A model too small to gain
+        from them loses instead: waking the other threads for each of its many small operations costs more than
+        they save (a width-4 U-Net on a 64-pixel input took 4.6 ms of CPU on 2 threads for 1.1 on one). Timed
+        at batch 1 on every thread and on one worker's share of them (one thread for a single worker); where the
+        share is at least ``NARROW_GAIN`` times as fast, every pass runs on its share: one worker on one thread,
+        several never wide."""
         wide = torch.get_num_threads()
-        if self.device.type != "cpu" or self.streams != 1 or wide == 1:
+        narrow = self.threads_per_stream or 1
+        if self.device.type != "cpu" or wide <= narrow:
             return
         rate_wide = self.runner.rate(1)
-        torch.set_num_threads(1)
+        torch.set_num_threads(narrow)
         try:
-            rate_one = self.runner.rate(1)
+            rate_narrow = self.runner.rate(1)
         finally:
             torch.set_num_threads(wide)
-        if rate_one >= NARROW_GAIN * rate_wide:
-            self.threads_per_stream = 1
+        if rate_narrow >= NARROW_GAIN * rate_wide:
+            self.threads_per_stream = narrow
+            self.threads_wide = 0
+            self.queue.split = False
         log.info(
-            "model %s: %d thread(s) per forward pass (images/s at batch 1: %.1f on %d threads, %.1f on one)",
+            "model %s: %d stream(s) of %d thread(s)%s (images/s at batch 1: %.1f on %d threads, %.1f on %d)",
             self.name,
+            self.streams,
             self.threads_per_stream or wide,
+            ", a lone request on all" if self.threads_wide else "",
             rate_wide,
             wide,
-            rate_one,
+            rate_narrow,
+            narrow,
         )
 
     def start(self) -> None:

@@ -331,6 +331,28 @@ def test_lazy_tiles_give_the_plans_mask(classes: int, shape: tuple[int, int]) ->
     assert np.array_equal(work.mask(), expected)
 
 
+@pytest.mark.parametrize(("rates", "wide"), [({1: 100.0, 2: 50.0}, False), ({1: 100.0, 2: 105.0}, True)])
+def test_on_the_cpu_several_streams_run_a_lone_request_wide_only_where_every_thread_pays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rates: dict[int, float], wide: bool
+) -> None:
+    """Two single-thread streams: a lone request runs on both threads, unless one thread is 1.5 times as fast
+    (then no batch ever runs wide, and what waits is not held back for one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    folder, _, _ = write_tiny_bundle(tmp_path / "tiny")
+    engine = ModelEngine(load_bundle(folder), torch.device("cpu"), torch.float32, max_batch=4, streams=2)
+    try:
+        monkeypatch.setattr(engine.runner, "rate", lambda batch: rates[torch.get_num_threads()])
+        engine.warmup()
+        assert engine.threads_per_stream == 1
+        assert (engine.threads_wide, engine.queue.split) == ((2, True) if wide else (0, False))
+        engine.start()
+        assert engine.submit(torch.randn(1, 3, 8, 8)).result(10)[0].shape == (1, 2, 8, 8)
+    finally:
+        engine.stop()
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize(
     ("rates", "threads"),
     # 0: every thread. Slower on two threads by less than the margin (timing noise) keeps both.
