@@ -13,7 +13,9 @@ there: ``--workers 1``). Results: a table and JSON.
 
 ``--inprocess N`` measures the pipeline alone, without HTTP and steadier on a noisy machine: ``N`` requests one
 after another through ``app.pipeline.predict`` (decode, the engine, encode: its two hand-offs and its worker
-thread) on an engine in this process, as ``unetseg serve`` sets it up; this process's CPU per request.
+thread) on an engine in this process, as ``unetseg serve`` sets it up (but with the OpenMP settings of this
+process's environment: torch is loaded before ``serve``'s defaults could apply); this process's CPU per
+request.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 def inprocess(image: bytes, n: int) -> dict[str, Any]:
     """CPU milliseconds of this process per request through ``app.pipeline.predict``, one at a time."""
     from app.engine import Engine
+    from app.engine.device import resolve_streams
     from app.pipeline import Ask, predict
 
     async def run(count: int) -> None:
@@ -147,7 +150,10 @@ def inprocess(image: bytes, n: int) -> dict[str, Any]:
             await predict(engine, ask, image, 10**9)
 
     with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine.from_folder(near_free_bundle(Path(tmp)), torch.device("cpu"), precision="float32")
+        device = torch.device("cpu")
+        engine = Engine.from_folder(
+            near_free_bundle(Path(tmp)), device, precision="float32", streams=resolve_streams(0, device)
+        )
         engine.start(warmup=True)
         ask = Ask("free", "png", 0.5, 1)
         try:

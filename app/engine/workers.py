@@ -32,12 +32,16 @@ from app.engine.work import TensorWork
 from app.errors import InferenceFailed, NotReady, Overloaded
 from model.bundle import Bundle
 
-# The forward pass runs on one core of a CPU only where that makes it this many times as fast as on every core
-# (a model so small that waking the other threads costs more than they do). A margin well above the timing's
-# noise: a near-free model ran 2.8 times as fast on one of two threads, the shipped ones never faster, yet
-# polyp's timings on a 2-core VM went either way by 10-30% (20.9 / 15.4, 11.7 / 13.2 images/s); one thread
-# where two gain leaves a core idle under load (c8 fell below c1).
+# One worker on a CPU runs its forward passes on one thread only where that makes them this many times as fast
+# as on every thread (a model so small that waking the other threads costs more than they do). A margin well
+# above the timing's noise: polyp's timings on a 2-core VM went either way by 10-30% (20.9 / 15.4, 11.7 / 13.2
+# images/s), and one thread where two gain leaves a core idle under load (c8 fell below c1).
 NARROW_GAIN = 1.5
+# With several workers (one per thread) the cores are busy under load either way: a lone request runs on every
+# thread only where that makes it this many times as fast, since their OpenMP team spins while it waits and
+# costs CPU. A near-free model ran as fast on one thread as on two (1,411 / 1,418 images/s) for twice the CPU;
+# polyp 2.0.0 in bfloat16 1.15-1.36 times as fast on two.
+WIDE_GAIN = 1.1
 
 log = logging.getLogger("unetseg.engine")
 
@@ -173,23 +177,25 @@ class ModelEngine:
         self.load_s += time.perf_counter() - t0
 
     def choose_threads(self) -> None:
-        """On the CPU, whether a lone forward pass gains from every torch thread. A model too small to gain
-        from them loses instead: waking the other threads for each of its many small operations costs more than
-        they save (a width-4 U-Net on a 64-pixel input took 4.6 ms of CPU on 2 threads for 1.1 on one). Timed
-        at batch 1 on every thread and on one worker's share of them (one thread for a single worker); where the
-        share is at least ``NARROW_GAIN`` times as fast, every pass runs on its share: one worker on one thread,
-        several never wide."""
+        """On the CPU, whether a lone forward pass runs on every torch thread or on one worker's share of them
+        (one thread for a single worker). A small model can lose on every thread: waking the others for each of
+        its many small operations costs about what they save. Timed at batch 1 both ways, twice, alternating
+        (the best of each counts); one worker keeps every thread unless its share is ``NARROW_GAIN`` times as
+        fast, several run a lone request wide only where that is ``WIDE_GAIN`` times as fast."""
         wide = torch.get_num_threads()
         narrow = self.threads_per_stream or 1
         if self.device.type != "cpu" or wide <= narrow:
             return
-        rate_wide = self.runner.rate(1)
-        torch.set_num_threads(narrow)
+        rates = {wide: 0.0, narrow: 0.0}
         try:
-            rate_narrow = self.runner.rate(1)
+            for _ in range(2):
+                for n in (wide, narrow):
+                    torch.set_num_threads(n)
+                    rates[n] = max(rates[n], self.runner.rate(1))
         finally:
             torch.set_num_threads(wide)
-        if rate_narrow >= NARROW_GAIN * rate_wide:
+        gain = rates[wide] / rates[narrow]
+        if gain < (1 / NARROW_GAIN if self.streams == 1 else WIDE_GAIN):
             self.threads_per_stream = narrow
             self.threads_wide = 0
             self.queue.split = False
@@ -199,9 +205,9 @@ class ModelEngine:
             self.streams,
             self.threads_per_stream or wide,
             ", a lone request on all" if self.threads_wide else "",
-            rate_wide,
+            rates[wide],
             wide,
-            rate_narrow,
+            rates[narrow],
             narrow,
         )
 

@@ -99,9 +99,8 @@ class Segmenter:
         self.engine.start(warmup=options.max_batch == 0)  # the warm-up measures the batch limit
         # On the CPU the cores are the streams'; the threads' own torch work (resizing the input, upsampling
         # the logits) runs on one thread each, not in parallel regions that contend with the streams'.
-        init = set_own_threads if device.type == "cpu" else None
         self.pool = concurrent.futures.ThreadPoolExecutor(
-            self.threads, "unetseg-segment", initializer=init, initargs=(1,)
+            self.threads, "unetseg-segment", initializer=lambda: set_own_threads(1) if device.type == "cpu" else None
         )
         self.loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="unetseg-segment-loop", daemon=True)
