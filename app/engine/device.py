@@ -45,7 +45,7 @@ def resolve_streams(setting: int, device: torch.device, cores: int | None = None
 
     On a CPU, single-thread passes side by side beat one pass on every thread whenever more than one request
     waits: that pass's threads wait for each other at every operation, and for any other work that takes a core
-    (polyp 2.0.0 on a 2-core VM served 24 images/s to 8 clients with two streams, 17 with one; measured with
+    (polyp 3.0.0 on a 2-core VM served 24 images/s to 8 clients with two streams, 17 with one; measured with
     ``bench.run``, docs/benchmarks.md). A lone request still runs on every thread (``batching``)."""
     if setting:
         return setting

@@ -40,7 +40,7 @@ NARROW_GAIN = 1.5
 # With several workers (one per thread) the cores are busy under load either way: a lone request runs on every
 # thread only where that makes it this many times as fast, since their OpenMP team spins while it waits and
 # costs CPU. A near-free model ran as fast on one thread as on two (1,411 / 1,418 images/s) for twice the CPU;
-# polyp 2.0.0 in bfloat16 1.15-1.36 times as fast on two.
+# polyp 3.0.0 in bfloat16 1.15-1.36 times as fast on two.
 WIDE_GAIN = 1.1
 
 log = logging.getLogger("unetseg.engine")
