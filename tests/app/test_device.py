@@ -3,14 +3,18 @@ input policy (so a compiled model never meets a new shape), and a CUDA stream pe
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from app.cli import omp_wait_defaults
 from app.engine import ModelEngine, device_supports, make_work, native_bf16
-from app.engine.device import input_shapes, new_stream, on_stream, warmup_batches
+from app.engine.device import input_shapes, new_stream, on_stream, resolve_streams, set_own_threads, warmup_batches
 from model.bundle import load_bundle
 from tests.helpers import FakeCuda, install_fake_cuda, tiny_card, write_tiny_bundle
 
@@ -125,3 +129,65 @@ def test_a_compiled_model_meets_no_new_shape_after_warmup(tmp_path: Path) -> Non
         engine.stop()
         torch._dynamo.reset()
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_streams_default_to_one_per_torch_thread_on_the_cpu_and_one_elsewhere() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert resolve_streams(0, torch.device("cpu")) == 3
+        assert resolve_streams(0, torch.device("cpu"), cores=5) == 5  # a share of a cluster's cores
+        assert resolve_streams(0, torch.device("cuda")) == 1
+        assert resolve_streams(2, torch.device("cpu")) == 2  # the setting, when given, on either
+        assert resolve_streams(4, torch.device("cuda")) == 4
+    finally:
+        torch.set_num_threads(before)
+
+
+def count_after_another_thread_sets_one(setter: Callable[[int], None]) -> int:
+    """A thread sets 2 with ``setter``; another thread then sets 1; the first reads its count."""
+    set_two, set_one = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def worker() -> None:
+        setter(2)
+        set_two.set()
+        set_one.wait(10)
+        seen.append(torch.get_num_threads())
+
+    t = threading.Thread(target=worker)
+    t.start()
+    assert set_two.wait(10)
+    other = threading.Thread(target=torch.set_num_threads, args=(1,))
+    other.start()
+    other.join()
+    set_one.set()
+    t.join()
+    return seen[0]
+
+
+def test_a_thread_keeps_the_torch_thread_count_it_sets() -> None:
+    """torch's first read of a thread's count takes the last count any thread set: set_own_threads survives
+    another thread setting one after it (torch.set_num_threads alone does not)."""
+    before = torch.get_num_threads()
+    try:
+        assert count_after_another_thread_sets_one(torch.set_num_threads) == 1
+        assert count_after_another_thread_sets_one(set_own_threads) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("env", "spin"),
+    [({}, "10000"), ({"OMP_WAIT_POLICY": "PASSIVE"}, None), ({"GOMP_SPINCOUNT": "0"}, "0")],
+)
+def test_serve_sets_a_short_openmp_spin_unless_the_environment_chose_one(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], spin: str | None
+) -> None:
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):  # set first, so that the test's own setting is undone too
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    omp_wait_defaults()
+    assert os.environ.get("GOMP_SPINCOUNT") == spin
