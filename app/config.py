@@ -99,7 +99,7 @@ class Settings(BaseSettings):
         ge=0,
         description=(
             "Forward passes each model runs at once (worker threads); on CPU they share the torch threads "
-            "(0: one per torch thread on the CPU, a lone request still on all of them; one on a GPU)."
+            "(0: one per torch thread on the CPU, at most 8, a lone request still on all of them; one on a GPU)."
         ),
     )
     queue_size: int = Field(

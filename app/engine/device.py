@@ -39,9 +39,16 @@ def set_own_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+# The most CPU streams a model gets by default: each holds a batch's activations at its peak (polyp 3.0.0 in
+# bfloat16: about 27 MiB per input, and a CPU batch may reach 16 inputs), so a many-core host gets 8 streams
+# of several threads rather than one per core.
+MAX_CPU_STREAMS = 8
+
+
 def resolve_streams(setting: int, device: torch.device, cores: int | None = None) -> int:
     """Forward passes each model runs at once (``UNETSEG_STREAMS``): the setting, or for 0 one per torch thread
-    (or per core of ``cores``) on the CPU, each on one thread, and one on any other device.
+    (or per core of ``cores``) on the CPU, each on one thread, at most ``MAX_CPU_STREAMS``; one on any other
+    device.
 
     On a CPU, single-thread passes side by side beat one pass on every thread whenever more than one request
     waits: that pass's threads wait for each other at every operation, and for any other work that takes a core
@@ -51,7 +58,7 @@ def resolve_streams(setting: int, device: torch.device, cores: int | None = None
         return setting
     if device.type != "cpu":
         return 1
-    return max(1, cores or torch.get_num_threads())
+    return max(1, min(MAX_CPU_STREAMS, cores or torch.get_num_threads()))
 
 
 def stream_threads(streams: int, device_type: str = "cpu") -> int:

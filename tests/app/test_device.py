@@ -137,6 +137,7 @@ def test_streams_default_to_one_per_torch_thread_on_the_cpu_and_one_elsewhere() 
     try:
         assert resolve_streams(0, torch.device("cpu")) == 3
         assert resolve_streams(0, torch.device("cpu"), cores=5) == 5  # a share of a cluster's cores
+        assert resolve_streams(0, torch.device("cpu"), cores=64) == 8  # each stream holds a batch's activations
         assert resolve_streams(0, torch.device("cuda")) == 1
         assert resolve_streams(2, torch.device("cpu")) == 2  # the setting, when given, on either
         assert resolve_streams(4, torch.device("cuda")) == 4
