@@ -402,7 +402,7 @@ def test_on_the_cpu_a_model_too_small_to_gain_from_every_core_runs_on_one(
 
         # I/O threads set their own count to 1 before the worker starts and after it is waiting for work (the
         # service starts them at its first request): the worker still runs on the count it chose. It once took
-        # the I/O threads' 1 and left a core idle, both ways.
+        # the 1 of an I/O thread started after it, and left a core idle.
         io_thread_sets_one()
         engine.start()
         assert waiting.wait(10)
