@@ -6,7 +6,8 @@ while the engine process may still write its arrays."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +27,38 @@ HELLO = {
         {"card": tiny_card().to_dict(), "device": "cpu", "precision": "float32", "graph": "eager", "max_batch": 4}
     ],
 }
-Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+Handle = Callable[[dict[str, Any], asyncio.StreamWriter], Awaitable[None]]
 
 
-def stand_in(answer: Answer, hung_up: asyncio.Event) -> Answer:
-    """A stand-in engine process's connection: ``answer`` its messages, then hang up and say so."""
+@contextlib.asynccontextmanager
+async def front_end(tmp_path: Path, handle: Handle, on_ready: Callable[[], None]) -> AsyncIterator[RemoteEngine]:
+    """A ``RemoteEngine`` started against a stand-in engine process on a Unix socket, which says hello and
+    ``handle``s every other message in turn; on the way out the front end stops and the stand-in sees it go."""
+    hung_up = asyncio.Event()
 
     async def engine_process(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await answer(reader, writer)
+            while (message := await receive(reader)) is not None:
+                if message["op"] == "hello":
+                    writer.write(encode(HELLO))
+                else:
+                    await handle(message, writer)
         finally:
             writer.close()
             await writer.wait_closed()
             hung_up.set()
 
-    return engine_process
+    path = tmp_path / "engine.sock"
+    server = await asyncio.start_unix_server(engine_process, path=str(path))
+    engine = RemoteEngine(str(path))
+    await engine.start(on_ready=on_ready)
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+        await asyncio.wait_for(hung_up.wait(), 10)
+        server.close()
+        await server.wait_closed()
 
 
 def test_a_front_end_that_has_not_seen_the_engine_ready_asks_it_before_saying_still_loading(
@@ -57,28 +75,20 @@ async def asks_when_needed(tmp_path: Path) -> None:
     first_question = asyncio.Event()
     answer_the_first = asyncio.Event()
     answer_the_second = asyncio.Event()
-    hung_up = asyncio.Event()
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while (message := await receive(reader)) is not None:
-            if message["op"] == "hello":
-                writer.write(encode(HELLO))
-            elif message["op"] == "status":
-                status: dict[str, Any] = {"op": "status", "ready": ready_now.is_set(), "failure": None, "models": {}}
-                if not answered and not first_question.is_set():
-                    first_question.set()  # the poll's question, answered "loading" but only later: a slow answer
-                    await answer_the_first.wait()
-                elif len(answered) == 1:
-                    await answer_the_second.wait()
-                answered.append(status["ready"])
-                writer.write(encode({**status, "gpu": {}}))
+    async def handle(message: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        if message["op"] == "status":
+            status: dict[str, Any] = {"op": "status", "ready": ready_now.is_set(), "failure": None, "models": {}}
+            if not answered and not first_question.is_set():
+                first_question.set()  # the poll's question, answered "loading" but only later: a slow answer
+                await answer_the_first.wait()
+            elif len(answered) == 1:
+                await answer_the_second.wait()
+            answered.append(status["ready"])
+            writer.write(encode({**status, "gpu": {}}))
 
-    path = tmp_path / "engine.sock"
-    server = await asyncio.start_unix_server(stand_in(answer, hung_up), path=str(path))
     became_ready = asyncio.Event()
-    engine = RemoteEngine(str(path))
-    await engine.start(on_ready=became_ready.set)
-    try:
+    async with front_end(tmp_path, handle, became_ready.set) as engine:
         await asyncio.wait_for(first_question.wait(), 10)
         ready_now.set()  # the engine process warmed up after it read the poll's question
         asking = asyncio.create_task(engine.confirm_ready())
@@ -92,11 +102,6 @@ async def asks_when_needed(tmp_path: Path) -> None:
         assert answered == [False, True] and became_ready.is_set()
         await engine.confirm_ready()  # once ready, nothing more is asked
         assert answered == [False, True]
-    finally:
-        await engine.stop()
-        await asyncio.wait_for(hung_up.wait(), 10)  # the stand-in saw the front end go
-        server.close()
-        await server.wait_closed()
 
 
 def test_the_arena_reuses_freed_blocks_joins_neighbours_and_says_when_it_is_full() -> None:
@@ -147,27 +152,19 @@ async def given_up(tmp_path: Path) -> None:
     runs: list[dict[str, Any]] = []
     cancelled = asyncio.Event()
     answer_it = asyncio.Event()
-    hung_up = asyncio.Event()
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while (message := await receive(reader)) is not None:
-            if message["op"] == "hello":
-                writer.write(encode(HELLO))
-            elif message["op"] == "status":
-                writer.write(encode({"op": "status", "ready": True, "failure": None, "models": {}, "gpu": {}}))
-            elif message["op"] == "run":
-                runs.append(message)
-            elif message["op"] == "cancel":
-                cancelled.set()
-                await answer_it.wait()  # still writing the mask, say
-                writer.write(encode({"op": "run", "id": message["id"], "cancelled": True}))
+    async def handle(message: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        if message["op"] == "status":
+            writer.write(encode({"op": "status", "ready": True, "failure": None, "models": {}, "gpu": {}}))
+        elif message["op"] == "run":
+            runs.append(message)
+        elif message["op"] == "cancel":
+            cancelled.set()
+            await answer_it.wait()  # still writing the mask, say
+            writer.write(encode({"op": "run", "id": message["id"], "cancelled": True}))
 
-    path = tmp_path / "engine.sock"
-    server = await asyncio.start_unix_server(stand_in(answer, hung_up), path=str(path))
     ready = asyncio.Event()
-    engine = RemoteEngine(str(path))
-    await engine.start(on_ready=ready.set)
-    try:
+    async with front_end(tmp_path, handle, ready.set) as engine:
         await asyncio.wait_for(ready.wait(), 10)
         assert engine._arena is not None
         image = np.zeros((40, 30, 3), np.uint8)
@@ -192,8 +189,3 @@ async def given_up(tmp_path: Path) -> None:
         assert isinstance(big, SharedArray) and big.path.exists()
         big.close()
         big.unlink()
-    finally:
-        await engine.stop()
-        await asyncio.wait_for(hung_up.wait(), 10)
-        server.close()
-        await server.wait_closed()
